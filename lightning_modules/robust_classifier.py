@@ -1,0 +1,133 @@
+"""RobustClassifier: a classifier trained with any method of :mod:`robustx.training`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from robustx.models import build_model
+from robustx.training import MethodConfig, training_loss
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPTIM: dict[str, Any] = {
+    "lr": 0.1,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "nesterov": False,
+    # The paper divides the learning rate by 10 after epochs 170 and 195 of 200.
+    "milestones": [0.85, 0.975],
+    "gamma": 0.1,
+}
+
+
+class RobustClassifier(pl.LightningModule):
+    """Classifier + regularized loss + optional adversarial examples (paper, Methods).
+
+    Args:
+        model: ``{"_target_": "robustx.models.<Model>", **kwargs}``; built through the allowlist
+            of :func:`robustx.models.build_model`, so exported configs stay data, not code.
+        method: :class:`robustx.training.MethodConfig` fields (penalty, psi, adversarial).
+        optim: SGD settings; ``milestones`` are fractions of the total number of steps.
+        channels_last: store activations NHWC (faster convolutions on CPU with bf16).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: dict[str, Any],
+        method: dict[str, Any] | None = None,
+        optim: dict[str, Any] | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.method = MethodConfig.from_dict(dict(method or {}))
+        model_cfg = dict(model)
+        model_cfg.setdefault("activation", self.method.activation)
+        self.model_config = model_cfg
+        self.model = build_model(model_cfg)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        optim = {**DEFAULT_OPTIM, **dict(optim or {})}
+        unknown = set(optim) - set(DEFAULT_OPTIM)
+        if unknown:
+            raise ValueError(f"Unknown optim option(s) {sorted(unknown)}; valid: {sorted(DEFAULT_OPTIM)}.")
+        if optim["lr"] <= 0 or optim["weight_decay"] < 0:
+            raise ValueError(f"optim.lr must be > 0 and weight_decay >= 0, got {optim['lr']}, {optim['weight_decay']}.")
+        if any(not 0 < f <= 1 for f in optim["milestones"]):
+            raise ValueError(f"optim.milestones are fractions of training in (0, 1], got {optim['milestones']}.")
+        self.optim = optim
+        self.psi = self.method.make_psi()
+        num_classes = int(model_cfg.get("num_classes", 10))
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self._layout(x))
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        # Every rank must feed the controller the same number, or psi diverges across ranks.
+        if self.trainer is not None and self.trainer.world_size > 1:
+            return self.trainer.strategy.reduce(t, reduce_op="mean")
+        return t
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        out = training_loss(self.model, self._layout(x), y, self.method, self.psi, reduce_mean=self._reduce_mean)
+        self.train_acc(out.logits.detach().argmax(1), y)
+        self.log("train/loss", out.loss.detach(), prog_bar=False)
+        self.log("train/ce", out.ce.detach(), prog_bar=True)
+        self.log("train/acc", self.train_acc, prog_bar=True, on_step=True, on_epoch=True)
+        if self.method.penalty:
+            self.log("train/penalty", out.penalty)
+            self.log("train/psi", out.psi, prog_bar=True)
+            self.log("train/psi_integral", self.psi.integral)
+        return out.loss
+
+    def _eval_step(self, batch, metric, prefix: str) -> None:
+        x, y = batch
+        logits = self(x)
+        metric(logits.argmax(1), y)
+        self.log(f"{prefix}/ce", F.cross_entropy(logits.float(), y), prog_bar=False, sync_dist=True)
+        self.log(f"{prefix}/acc", metric, prog_bar=True)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_acc, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_acc, "test")
+
+    def configure_optimizers(self):
+        o = self.optim
+        opt = torch.optim.SGD(
+            self.parameters(), lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"], nesterov=o["nesterov"]
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer is not None else 1
+        milestones = sorted({max(1, int(round(f * total))) for f in o["milestones"]})
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=o["gamma"])
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # The controller state and the RNG streams travel with the checkpoint so a resumed run
+    # continues exactly where the interrupted one stopped.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["psi_controller"] = self.psi.state_dict()
+        checkpoint["model_config"] = self.model_config
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "psi_controller" in checkpoint:
+            self.psi.load_state_dict(checkpoint["psi_controller"])
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])

@@ -1,0 +1,172 @@
+"""Build and run a training job from a composed Hydra config (called by train.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import netrc
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from .robust_classifier import RobustClassifier
+
+log = logging.getLogger(__name__)
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        auth = netrc.netrc().authenticators(os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("//")[-1])
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return bool(auth and auth[2])
+
+
+def configure_wandb_mode() -> str:
+    """Choose online/offline for W&B before any logger starts; say so in one log line."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "disabled", "dryrun"):
+        log.info("W&B mode is '%s' (WANDB_MODE); sync offline runs later with `wandb sync <dir>`.", mode)
+        return mode
+    if not _has_wandb_key():
+        os.environ["WANDB_MODE"] = "offline"
+        log.info("W&B: no API key found (WANDB_API_KEY or ~/.netrc), logging offline; `wandb sync` uploads later.")
+        return "offline"
+    return mode or "online"
+
+
+def _run_names(cfg: DictConfig) -> tuple[str, str]:
+    """W&B (group, name): one group per experiment, or per sweep in a multirun."""
+    hc = HydraConfig.get()
+    exp = cfg.get("experiment_name", "default")
+    if hc.mode == RunMode.MULTIRUN:
+        sweep_id = Path(hc.sweep.dir).name
+        overrides = hc.job.override_dirname or f"job{hc.job.num}"
+        return f"{exp}-{sweep_id}", f"{exp}-{overrides}"
+    return exp, f"{exp}-{Path(hc.runtime.output_dir).name}"
+
+
+def instantiate_loggers(cfg: DictConfig) -> list[Any]:
+    loggers: list[Any] = []
+    for key, lg_cfg in (cfg.get("logger") or {}).items():
+        if not isinstance(lg_cfg, DictConfig) or "_target_" not in lg_cfg:
+            continue
+        if key == "wandb" or "Wandb" in str(lg_cfg._target_):
+            mode = configure_wandb_mode()
+            group, name = _run_names(cfg)
+            lg_cfg = OmegaConf.merge(
+                lg_cfg,
+                {
+                    "group": lg_cfg.get("group") or group,
+                    "name": lg_cfg.get("name") or name,
+                    "offline": bool(lg_cfg.get("offline")) or mode == "offline",
+                },
+            )
+            Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+        loggers.append(hydra.utils.instantiate(lg_cfg))
+    return loggers
+
+
+def instantiate_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    return [
+        hydra.utils.instantiate(cb)
+        for cb in (cfg.get("callbacks") or {}).values()
+        if isinstance(cb, DictConfig) and "_target_" in cb
+    ]
+
+
+def build_module(cfg: DictConfig) -> RobustClassifier:
+    return RobustClassifier(
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        method=OmegaConf.to_container(cfg.method, resolve=True),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        channels_last=bool(cfg.get("channels_last", False)),
+    )
+
+
+def _resolve_ckpt(path: str | None) -> str | None:
+    if not path:
+        return None
+    p = Path(hydra.utils.to_absolute_path(str(path)))
+    if not p.is_file():
+        raise FileNotFoundError(f"ckpt_path '{path}' does not exist; point it at a Lightning .ckpt (e.g. <run>/checkpoints/last.ckpt).")
+    return str(p)
+
+
+def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        try:
+            out[k] = float(v)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit (and test, and export) the model described by ``cfg``; returns the final metrics."""
+    start = time.time()
+    output_dir = Path(cfg.paths.output_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+    ckpt_path = _resolve_ckpt(cfg.get("ckpt_path"))
+
+    datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    module = build_module(cfg)
+    callbacks = instantiate_callbacks(cfg)
+    loggers = instantiate_loggers(cfg)
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for lg in loggers:
+        lg.log_hyperparams({"config": resolved})
+
+    log.info("Output directory: %s", output_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    metrics = _scalar_metrics(trainer.callback_metrics)
+    train_seconds = time.time() - start
+
+    if cfg.get("test"):
+        test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)
+        metrics.update(_scalar_metrics(test_metrics[0] if test_metrics else {}))
+
+    if trainer.is_global_zero:
+        if cfg.get("export"):
+            from robustx.export import save_model
+
+            path = save_model(
+                module.model,
+                output_dir / "model.safetensors",
+                model_config=module.model_config,
+                metadata={
+                    "experiment": str(cfg.get("experiment_name")),
+                    "method": json.dumps(module.method.to_dict()),
+                    "psi_integral": str(module.psi.integral),
+                },
+            )
+            log.info("Exported model to %s", path)
+        result = {
+            "experiment": cfg.get("experiment_name"),
+            "method": module.method.to_dict(),
+            "metrics": metrics,
+            "psi": module.psi.psi if module.method.penalty else None,
+            "train_seconds": train_seconds,
+            "global_steps": trainer.global_step,
+            "seconds_per_step": train_seconds / max(1, trainer.global_step),
+            "output_dir": str(output_dir),
+        }
+        tmp = output_dir / "metrics.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, output_dir / "metrics.json")
+        log.info("Final metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
+    for lg in loggers:
+        lg.finalize("success")
+    return metrics

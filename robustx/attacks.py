@@ -1,0 +1,239 @@
+"""The paper's attack engine (Algorithm 1) and the baseline attacks used for training.
+
+One engine serves adversarial training (L2 and L2,min criteria), minimal-perturbation search
+for the ARA (criteria "still correct" / "better than random") and adversarial explanations
+(targeted, overshoot). Perturbation size is RMSE in [0, 1] pixel space.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "rmse",
+    "step_sizes",
+    "criterion_mask",
+    "engine_attack",
+    "half_and_half_mask",
+    "pgd_l2",
+    "trades_adversary",
+    "CRITERIA",
+]
+
+Criterion = Literal["l2", "l2min", "btr"]
+CRITERIA = ("l2", "l2min", "btr")
+
+
+def rmse(delta: torch.Tensor) -> torch.Tensor:
+    """Per-example root-mean-square of a (B, ...) perturbation -> (B,)."""
+    return delta.flatten(1).pow(2).mean(1).sqrt()
+
+
+def step_sizes(eps: float, steps: int, *, overshoot: float = 1.0) -> list[float]:
+    """Linearly falling step sizes ss_t = eps*overshoot*(T - t)/(T(T+1)/2), t = 0..T-1; they sum to eps*overshoot."""
+    total = steps * (steps + 1) / 2
+    return [eps * overshoot * (steps - t) / total for t in range(steps)]
+
+
+def criterion_mask(
+    criterion: Criterion | Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    delta: torch.Tensor,
+    *,
+    eps: float,
+) -> torch.Tensor:
+    """Which examples keep following the loss gradient this step -> (B,) bool.
+
+    * ``l2``: RMSE(delta) < eps.
+    * ``l2min``: the prediction is still the true class.
+    * ``btr``: the true class's softmax probability is still > 1/C (better than random).
+    * a callable ``f(logits, labels, delta) -> (B,) bool`` for anything else.
+    """
+    if callable(criterion):
+        return criterion(logits, labels, delta)
+    if criterion == "l2":
+        return rmse(delta) < eps
+    if criterion == "l2min":
+        return logits.argmax(1) == labels
+    if criterion == "btr":
+        p = logits.float().softmax(1).gather(1, labels[:, None])[:, 0]
+        return p > 1.0 / logits.size(1)
+    raise ValueError(f"Unknown attack criterion '{criterion}'; choose one of {CRITERIA}.")
+
+
+def half_and_half_mask(batch: int, *, p: float = 0.5, device=None, generator=None) -> torch.Tensor:
+    """(B,) bool: which examples are perturbed under half-and-half adversarial training."""
+    return torch.rand(batch, device=device, generator=generator) < p
+
+
+def engine_attack(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    eps: float,
+    steps: int,
+    criterion: Criterion | Callable = "l2",
+    overshoot: float = 1.0,
+    momentum: float = 0.0,
+    targeted: bool = False,
+    affected: torch.Tensor | None = None,
+    clip: bool = False,
+    on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Run the paper's attack engine and return the perturbed images (detached).
+
+    From delta = 0, each of T steps computes the cross-entropy gradient g w.r.t. the input and
+    moves along d = g (or -g when ``targeted``) where the criterion holds, otherwise along
+    -delta (pulling back toward the image); d is normalized to unit RMSE, optionally smoothed
+    with momentum (m <- mu m + (1 - mu) d), and scaled by the falling step size of
+    :func:`step_sizes`, so the path length is eps * overshoot.
+
+    Args:
+        model: (B, C_in, H, W) in [0, 1] -> (B, C) logits. Its train/eval mode is left as is.
+        images: (B, C_in, H, W) in [0, 1].
+        labels: (B,) classes: the true class, or the target class when ``targeted``.
+        eps: perturbation budget (RMSE) > 0 for ``l2``; path length scale for the others.
+        steps: T >= 0; T = 0 returns the images unchanged.
+        criterion: see :func:`criterion_mask`.
+        overshoot: multiplies the total path length (explanations use 5).
+        momentum: mu in [0, 1).
+        targeted: descend the target's cross-entropy instead of ascending the true class's.
+        affected: (B,) bool; examples that are False stay unperturbed (half-and-half).
+        clip: keep images + delta inside [0, 1] (off in the paper).
+        on_step: optional hook ``f(t, logits, delta)`` called after each forward (for
+            minimal-perturbation tracking); ``logits`` correspond to the current delta.
+    Returns:
+        (B, C_in, H, W) perturbed images.
+    """
+    if eps < 0:
+        raise ValueError(f"attack eps must be >= 0, got {eps}; it is an RMSE in [0, 1] pixel space.")
+    if steps < 0:
+        raise ValueError(f"attack steps must be >= 0, got {steps}.")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"attack momentum must be in [0, 1), got {momentum}.")
+    images = images.detach()
+    if steps == 0 or eps == 0:
+        return images
+    delta = torch.zeros_like(images, requires_grad=True)
+    mom = torch.zeros_like(images)
+    keep = None if affected is None else affected.to(images.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    for t, ss in enumerate(step_sizes(eps, steps, overshoot=overshoot)):
+        logits = model(images + delta)
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            if on_step is not None:
+                on_step(t, logits.detach(), delta.detach())
+            follow = criterion_mask(criterion, logits.detach(), labels, delta, eps=eps)
+            if targeted:
+                grad = -grad
+            direction = torch.where(follow.view(-1, 1, 1, 1), grad, -delta)
+            direction = direction / (1e-8 + rmse(direction).view(-1, 1, 1, 1))
+            if momentum > 0:
+                mom.mul_(momentum).add_(direction, alpha=1 - momentum)
+                direction = mom
+            if keep is not None:
+                direction = direction * keep
+            delta.add_(direction, alpha=ss)
+            if clip:
+                delta.copy_((images + delta).clamp_(0, 1) - images)
+    return (images + delta).detach()
+
+
+def pgd_l2(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    eps: float,
+    steps: int = 7,
+    step_size: float | None = None,
+    random_start: bool = True,
+    clip: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """PGD in an L2 ball (Madry et al. 2018) with the radius expressed as RMSE.
+
+    Steepest ascent with L2-normalized gradient steps, projection onto ||delta||_2 <= eps *
+    sqrt(D) (i.e. RMSE <= eps) and onto the valid image box.
+
+    Args:
+        model: classifier on [0, 1] images.
+        images: (B, C_in, H, W) in [0, 1].
+        labels: (B,) true classes.
+        eps: radius as RMSE > 0.
+        steps: iterations >= 1.
+        step_size: RMSE per step (default 2.5 * eps / steps, as Madry et al.).
+        random_start: start uniformly inside the ball.
+        clip: keep images + delta in [0, 1].
+    """
+    if eps < 0:
+        raise ValueError(f"PGD eps must be >= 0, got {eps}.")
+    images = images.detach()
+    if eps == 0 or steps == 0:
+        return images
+    alpha = 2.5 * eps / steps if step_size is None else step_size
+    if random_start:
+        delta = torch.randn(images.shape, device=images.device, generator=generator)
+        n = images[0].numel()
+        # Uniform in the ball: direction uniform on the sphere, radius ~ U^(1/n).
+        radius = torch.rand(images.size(0), device=images.device, generator=generator) ** (1.0 / n)
+        delta = delta / rmse(delta).view(-1, 1, 1, 1) * (eps * radius).view(-1, 1, 1, 1)
+    else:
+        delta = torch.zeros_like(images)
+    if clip:
+        delta = (images + delta).clamp(0, 1) - images
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = F.cross_entropy(model(images + delta).float(), labels, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            delta = delta + alpha * grad / (1e-12 + rmse(grad).view(-1, 1, 1, 1))
+            scale = (eps / (1e-12 + rmse(delta))).clamp(max=1.0)
+            delta = delta * scale.view(-1, 1, 1, 1)
+            if clip:
+                delta = (images + delta).clamp(0, 1) - images
+    return (images + delta).detach()
+
+
+def trades_adversary(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    eps: float,
+    steps: int = 7,
+    step_size: float | None = None,
+    clip: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """TRADES inner maximization (Zhang et al. 2019), L2 version with RMSE radius.
+
+    Maximizes KL(f(x) || f(x')) over ||x' - x|| <= eps starting from x + 0.001 * N(0, 1).
+    """
+    if eps < 0:
+        raise ValueError(f"TRADES eps must be >= 0, got {eps}.")
+    images = images.detach()
+    if eps == 0 or steps == 0:
+        return images
+    alpha = 2.5 * eps / steps if step_size is None else step_size
+    with torch.no_grad():
+        p_clean = F.softmax(model(images).float(), dim=1)
+    delta = 0.001 * torch.randn(images.shape, device=images.device, generator=generator)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        logp = F.log_softmax(model(images + delta).float(), dim=1)
+        loss = F.kl_div(logp, p_clean, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            delta = delta + alpha * grad / (1e-12 + rmse(grad).view(-1, 1, 1, 1))
+            scale = (eps / (1e-12 + rmse(delta))).clamp(max=1.0)
+            delta = delta * scale.view(-1, 1, 1, 1)
+            if clip:
+                delta = (images + delta).clamp(0, 1) - images
+    return (images + delta).detach()

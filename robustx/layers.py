@@ -1,0 +1,86 @@
+"""Activation layers: the half-Huber ReLU and a helper to swap activations in any module."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["half_huber_relu", "HalfHuberReLU", "swap_activations", "make_activation"]
+
+
+def half_huber_relu(x: torch.Tensor, d: float | torch.Tensor = 0.5) -> torch.Tensor:
+    """Half-Huber ReLU (paper, Methods "Half-Huber ReLU").
+
+    f(x) = 0 for x < 0, x^2 / (2d) for 0 <= x <= d, x - d/2 for x > d, so that
+    f'(x) = clamp(x, 0, d) / d is continuous and the input-gradient penalty has a
+    non-zero second derivative to train through.
+
+    Written with differentiable primitives only, so double backprop (and any higher
+    order) works without a custom autograd.Function.
+
+    Args:
+        x: any shape, any float dtype.
+        d: width of the quadratic region, > 0 (paper: 0.5).
+    """
+    c = x.clamp(0, d)
+    # c^2/(2d) covers the bowl; relu(x - d) adds the linear part past d.
+    return c * c / (2 * d) + torch.relu(x - d)
+
+
+class HalfHuberReLU(nn.Module):
+    """Module form of :func:`half_huber_relu`; ``d`` is a buffer as in the authors' networks."""
+
+    def __init__(self, d: float = 0.5) -> None:
+        super().__init__()
+        if not d > 0:
+            raise ValueError(f"HalfHuberReLU width d must be > 0, got {d}; use d=0.5 as in the paper.")
+        self.register_buffer("d", torch.tensor(float(d)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return half_huber_relu(x, self.d.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"d={float(self.d):g}"
+
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": lambda: nn.ReLU(),
+    "hhrelu": lambda: HalfHuberReLU(0.5),
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    """Build an activation by name (``relu`` or ``hhrelu``)."""
+    try:
+        return ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(
+            f"Unknown activation '{name}'; choose one of {sorted(ACTIVATIONS)}."
+        ) from None
+
+
+def swap_activations(
+    module: nn.Module,
+    factory: Callable[[], nn.Module] | str = "hhrelu",
+    *,
+    types: tuple[type[nn.Module], ...] = (nn.ReLU,),
+) -> nn.Module:
+    """Replace every activation of the given types inside ``module`` (in place) and return it.
+
+    Functional activations called inside ``forward`` (``F.relu``) cannot be found this way;
+    torchvision's ResNets use modules, so they can be swapped.
+
+    Args:
+        module: any nn.Module.
+        factory: a callable returning a fresh activation module, or a name for :func:`make_activation`.
+        types: activation classes to replace.
+    """
+    make = (lambda: make_activation(factory)) if isinstance(factory, str) else factory
+    for name, child in list(module.named_children()):
+        if isinstance(child, types):
+            setattr(module, name, make())
+        else:
+            swap_activations(child, make, types=types)
+    return module
