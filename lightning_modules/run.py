@@ -77,10 +77,14 @@ def instantiate_loggers(cfg: DictConfig) -> list[Any]:
 
 
 def instantiate_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    bar = cfg.trainer.get("enable_progress_bar", True)
     return [
         hydra.utils.instantiate(cb)
         for cb in (cfg.get("callbacks") or {}).values()
-        if isinstance(cb, DictConfig) and "_target_" in cb
+        if isinstance(cb, DictConfig)
+        and "_target_" in cb
+        # trainer.enable_progress_bar=false must win over a configured progress-bar callback.
+        and (bar or "ProgressBar" not in str(cb._target_))
     ]
 
 

@@ -159,7 +159,7 @@ def resnet44(**kwargs: Any) -> PreActResNet:
 
 
 class SmallCNN(_Normalized):
-    """A small, fast CNN for 28x28 inputs: three 3x3 convs (two strided) and an MLP head.
+    """A small, fast CNN for 28x28 inputs: three 3x3 conv-BN-activation layers (two strided) and an MLP head.
 
     Args:
         num_classes: C >= 2.
@@ -186,12 +186,17 @@ class SmallCNN(_Normalized):
             raise ModelConfigError(f"num_classes must be >= 2, got {num_classes}.")
         self._init_offset(mean, std, in_channels)
         c1, c2, c3 = channels
+        # BatchNorm keeps pre-activations at unit scale: without it the half-Huber ReLU's
+        # quadratic bowl (width 0.5) shrinks small signals layer after layer.
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 3, padding=1),
+            nn.Conv2d(in_channels, c1, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c1),
             make_activation(activation),
-            nn.Conv2d(c1, c2, 3, padding=1, stride=2),
+            nn.Conv2d(c1, c2, 3, padding=1, stride=2, bias=False),
+            nn.BatchNorm2d(c2),
             make_activation(activation),
-            nn.Conv2d(c2, c3, 3, padding=1, stride=2),
+            nn.Conv2d(c2, c3, 3, padding=1, stride=2, bias=False),
+            nn.BatchNorm2d(c3),
             make_activation(activation),
             # Pool to a fixed 4x4 grid so any input size >= 16 works.
             nn.AdaptiveAvgPool2d(4),

@@ -1,0 +1,109 @@
+"""Time one training step per method, as a ratio to a plain fp32 eager step measured in the same run.
+
+    .venv/bin/python bench/bench_train_step.py [--models resnet44 small_cnn] [--batch 128] [--repeats 5]
+
+Methods: plain (standard CE, fp32, eager: the yardstick), robust (penalty + HHReLU + adaptive
+psi), all (robust + L2,min adversarial training + half-and-half), each in fp32 and in
+bf16-mixed autocast with channels_last (the project's fast path, trainer.precision=bf16-mixed
+channels_last=true). Prints a markdown table; --json writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+from robustx.models import SmallCNN, resnet44
+from robustx.training import MethodConfig, training_loss
+
+METHODS = {
+    "plain": {"name": "standard"},
+    "robust": {"name": "robust", "activation": "hhrelu", "penalty": True},
+    "all": {
+        "name": "all",
+        "activation": "hhrelu",
+        "penalty": True,
+        "adversarial": {"kind": "l2min", "eps": 0.1, "steps": 7, "half_and_half": True},
+    },
+}
+
+
+def make(model_name: str, activation: str, channels_last: bool):
+    if model_name == "resnet44":
+        m, shape = resnet44(activation=activation), (3, 32, 32)
+    else:
+        m, shape = SmallCNN(activation=activation), (1, 28, 28)
+    if channels_last:
+        m = m.to(memory_format=torch.channels_last)
+    return m, shape
+
+
+def time_step(model_name: str, method: dict, *, batch: int, repeats: int, fast: bool) -> float:
+    cfg = MethodConfig.from_dict(method)
+    model, shape = make(model_name, cfg.activation, fast)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    psi = cfg.make_psi()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, *shape, generator=gen)
+    y = torch.randint(10, (batch,), generator=gen)
+    if fast:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if fast else nullcontext()
+    times = []
+    for i in range(repeats + 2):
+        t0 = time.perf_counter()
+        with ctx:
+            out = training_loss(model, x, y, cfg, psi)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        if i >= 2:  # warm-up
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["resnet44", "small_cnn"])
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for model_name in args.models:
+        base = time_step(model_name, METHODS["plain"], batch=args.batch, repeats=args.repeats, fast=False)
+        for fast in (False, True):
+            for name, method in METHODS.items():
+                t = base if (name == "plain" and not fast) else time_step(
+                    model_name, method, batch=args.batch, repeats=args.repeats, fast=fast
+                )
+                rows.append(
+                    {
+                        "model": model_name,
+                        "method": name,
+                        "path": "bf16-mixed + channels_last" if fast else "fp32 eager",
+                        "seconds": t,
+                        "ratio_to_plain_fp32": t / base,
+                    }
+                )
+    print(f"# train step, batch {args.batch}, {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}")
+    print("| model | method | path | s/step | x plain fp32 |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['method']} | {r['path']} | {r['seconds']:.3f} | {r['ratio_to_plain_fp32']:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"batch": args.batch, "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
