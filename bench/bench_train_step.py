@@ -3,9 +3,10 @@
     .venv/bin/python bench/bench_train_step.py [--models resnet44 small_cnn] [--batch 128] [--repeats 5]
 
 Methods: plain (standard CE, fp32, eager: the yardstick), robust (penalty + HHReLU + adaptive
-psi), all (robust + L2,min adversarial training + half-and-half), each in fp32 and in
-bf16-mixed autocast with channels_last (the project's fast path, trainer.precision=bf16-mixed
-channels_last=true). Prints a markdown table; --json writes the numbers.
+psi), all (robust + L2,min adversarial training + half-and-half), and all with
+adversarial.attack_subset=true (attack only the half that gets perturbed), each in fp32, in
+bf16-mixed autocast (trainer.precision=bf16-mixed) and in bf16-mixed with channels_last
+(channels_last=true). Prints a markdown table; --json writes the numbers.
 """
 
 from __future__ import annotations
@@ -31,10 +32,17 @@ METHODS = {
         "penalty": True,
         "adversarial": {"kind": "l2min", "eps": 0.1, "steps": 7, "half_and_half": True},
     },
+    "all (attack_subset)": {
+        "name": "all",
+        "activation": "hhrelu",
+        "penalty": True,
+        "adversarial": {"kind": "l2min", "eps": 0.1, "steps": 7, "half_and_half": True, "attack_subset": True},
+    },
 }
+PATHS = {"fp32 eager": (False, False), "bf16-mixed": (True, False), "bf16-mixed + channels_last": (True, True)}
 
 
-def make(model_name: str, activation: str, channels_last: bool):
+def make(model_name: str, activation: str, channels_last: bool):  # noqa: D103
     if model_name == "resnet44":
         m, shape = resnet44(activation=activation), (3, 32, 32)
     else:
@@ -44,18 +52,18 @@ def make(model_name: str, activation: str, channels_last: bool):
     return m, shape
 
 
-def time_step(model_name: str, method: dict, *, batch: int, repeats: int, fast: bool) -> float:
+def time_step(model_name: str, method: dict, *, batch: int, repeats: int, bf16: bool, cl: bool) -> float:
     cfg = MethodConfig.from_dict(method)
-    model, shape = make(model_name, cfg.activation, fast)
+    model, shape = make(model_name, cfg.activation, cl)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     psi = cfg.make_psi()
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(batch, *shape, generator=gen)
     y = torch.randint(10, (batch,), generator=gen)
-    if fast:
+    if cl:
         x = x.contiguous(memory_format=torch.channels_last)
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if fast else nullcontext()
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
     times = []
     for i in range(repeats + 2):
         t0 = time.perf_counter()
@@ -80,17 +88,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     for model_name in args.models:
-        base = time_step(model_name, METHODS["plain"], batch=args.batch, repeats=args.repeats, fast=False)
-        for fast in (False, True):
+        base = time_step(model_name, METHODS["plain"], batch=args.batch, repeats=args.repeats, bf16=False, cl=False)
+        for path, (bf16, cl) in PATHS.items():
             for name, method in METHODS.items():
-                t = base if (name == "plain" and not fast) else time_step(
-                    model_name, method, batch=args.batch, repeats=args.repeats, fast=fast
+                t = base if (name == "plain" and not bf16 and not cl) else time_step(
+                    model_name, method, batch=args.batch, repeats=args.repeats, bf16=bf16, cl=cl
                 )
                 rows.append(
                     {
                         "model": model_name,
                         "method": name,
-                        "path": "bf16-mixed + channels_last" if fast else "fp32 eager",
+                        "path": path,
                         "seconds": t,
                         "ratio_to_plain_fp32": t / base,
                     }

@@ -1,9 +1,11 @@
-"""Shared LightningDataModule plumbing: subsets, fixed validation subset, deterministic order."""
+"""Shared LightningDataModule plumbing: options, fixed subsets, deterministic shuffling, loaders."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+import os
+from collections.abc import Sequence
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -11,25 +13,42 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 log = logging.getLogger(__name__)
 
+STAGES = (None, "fit", "validate", "test", "predict")
+
 
 class DataError(ValueError):
-    """A user-facing data problem (missing or corrupt files, bad options)."""
+    """A user-facing data problem (missing or corrupt files, bad options); the message is one line."""
+
+
+def one_line(err: BaseException | str) -> str:
+    """An exception (or text) squeezed onto one line, for embedding in a DataError message."""
+    return " ".join(str(err).split())
+
+
+def cache_root() -> Path:
+    """``$ROBUSTX_CACHE`` if set, else ``~/.cache/robustx`` (nothing is created here)."""
+    return Path(os.environ.get("ROBUSTX_CACHE") or "~/.cache/robustx").expanduser()
+
+
+def default_cache_dir(name: str) -> Path:
+    """Where a dataset called ``name`` keeps extracted archives and decoded arrays."""
+    return cache_root() / "datasets" / name
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """Random order that depends only on (seed, epoch), so a resumed run sees the same batches.
+    """A random order that depends only on (seed, epoch), so a resumed run sees the same batches.
 
-    Lightning calls ``set_epoch`` at every epoch start (and after restoring a checkpoint).
+    Lightning calls ``set_epoch`` at the start of every epoch (also after restoring a checkpoint).
     """
 
-    def __init__(self, n: int, *, seed: int = 0) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, *, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, int(seed), 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch = int(epoch)
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         return iter(torch.randperm(self.n, generator=g).tolist())
 
     def __len__(self) -> int:
@@ -37,18 +56,42 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 def fixed_subset(dataset: Dataset, limit: int | None, *, seed: int) -> Dataset:
-    """The first ``limit`` items of a permutation fixed by ``seed`` (all items when limit is None)."""
-    if limit is None or limit >= len(dataset):
+    """The first ``limit`` items of a permutation fixed by ``seed`` (sorted); everything if limit is None."""
+    n = len(dataset)  # type: ignore[arg-type]
+    if limit is None or limit >= n:
+        if limit is not None:
+            log.info("limit %d >= dataset size %d: using all of it", limit, n)
         return dataset
-    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
-    return Subset(dataset, idx.tolist())
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:limit]
+    return Subset(dataset, sorted(idx.tolist()))
 
 
 class BaseImageDataModule(pl.LightningDataModule):
-    """Common options of every data module; subclasses implement :meth:`_make_datasets`.
+    """Options shared by every data module; subclasses implement :meth:`_build_split`.
 
-    Images come out as float tensors in [0, 1], (B, C, H, W) after batching; models normalize.
+    Images come out as float tensors in [0, 1], (B, C, H, W) after batching; models normalize
+    with ``mean``/``std`` themselves (these are metadata for the rest of the project).
+
+    Args:
+        root: where the dataset is (meaning depends on the subclass).
+        batch_size: training batch size; ``eval_batch_size`` (default: batch_size) for val/test.
+        num_workers: DataLoader worker processes (persistent when > 0).
+        limit_train: use only the first N images of a fixed (seeded) permutation of the train set.
+        limit_val: validation = N images of the test split drawn with ``val_seed`` (all if None).
+        limit_test: test = N images of the test split (all if None).
+        val_seed: seed of the validation (and limit_train / limit_test) subsets.
+        shuffle_seed: seed of the training order; None uses Lightning's global seed
+            (``pl.seed_everything``) if one was set, else an unseeded shuffle.
+        pin_memory: DataLoader ``pin_memory``.
+        augment: training augmentation on/off (what it is depends on the subclass).
+        num_classes, in_channels, image_size, mean, std, class_names: dataset metadata; the
+            class count found on disk must equal ``num_classes``.
+        cache_dir: where extracted archives / decoded arrays / downloads go (modules that need
+            it); default ``~/.cache/robustx/datasets/<name>`` (``$ROBUSTX_CACHE`` replaces
+            ``~/.cache/robustx``).
     """
+
+    cache_name = "dataset"
 
     def __init__(
         self,
@@ -61,89 +104,140 @@ class BaseImageDataModule(pl.LightningDataModule):
         limit_val: int | None = None,
         limit_test: int | None = None,
         val_seed: int = 1776,
-        shuffle_seed: int = 0,
-        augment: bool = True,
+        shuffle_seed: int | None = None,
         pin_memory: bool = False,
+        augment: bool = True,
         num_classes: int = 10,
         in_channels: int = 3,
-        image_size: int = 32,
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.25, 0.25, 0.25),
+        image_size: int = 32,
         class_names: Sequence[str] | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        if batch_size <= 0:
-            raise DataError(f"data.batch_size must be > 0, got {batch_size}.")
+        self.save_hyperparameters()
+        if int(batch_size) <= 0:
+            raise DataError(f"data.batch_size must be > 0, got {batch_size}; set a positive batch size.")
+        if eval_batch_size is not None and int(eval_batch_size) <= 0:
+            raise DataError(f"data.eval_batch_size must be > 0 or null, got {eval_batch_size}; set a positive number or null.")
+        if int(num_workers) < 0:
+            raise DataError(f"data.num_workers must be >= 0, got {num_workers}.")
         for name, v in (("limit_train", limit_train), ("limit_val", limit_val), ("limit_test", limit_test)):
-            if v is not None and v <= 0:
+            if v is not None and int(v) <= 0:
                 raise DataError(f"data.{name} must be a positive number of images or null, got {v}.")
-        self.root = root
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.limit_train, self.limit_val, self.limit_test = limit_train, limit_val, limit_test
-        self.val_seed, self.shuffle_seed = val_seed, shuffle_seed
-        self.augment = augment
-        self.pin_memory = pin_memory
-        self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
-        self.mean, self.std = list(mean), list(std)
-        self.class_names = list(class_names) if class_names else None
+        if int(num_classes) <= 0:
+            raise DataError(f"data.num_classes must be > 0, got {num_classes}.")
+        if int(in_channels) not in (1, 3):
+            raise DataError(f"data.in_channels must be 1 (grayscale) or 3 (RGB), got {in_channels}.")
+        if int(image_size) <= 0:
+            raise DataError(f"data.image_size must be > 0, got {image_size}.")
+        mean, std = [float(m) for m in mean], [float(s) for s in std]
+        if len(mean) not in (1, int(in_channels)) or len(std) != len(mean) or min(std) <= 0:
+            raise DataError(
+                f"data.mean {mean} and data.std {std} must have 1 or in_channels={in_channels} values each (std > 0)."
+            )
+        if class_names is not None and len(class_names) != int(num_classes):
+            raise DataError(
+                f"data.class_names has {len(class_names)} names but data.num_classes={num_classes}; make them agree or set class_names=null."
+            )
+        self.root = None if root is None else str(root)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size) if eval_batch_size is not None else self.batch_size
+        self.num_workers = int(num_workers)
+        self.limit_train = None if limit_train is None else int(limit_train)
+        self.limit_val = None if limit_val is None else int(limit_val)
+        self.limit_test = None if limit_test is None else int(limit_test)
+        self.val_seed = int(val_seed)
+        self.shuffle_seed = None if shuffle_seed is None else int(shuffle_seed)
+        self.pin_memory = bool(pin_memory)
+        self.augment = bool(augment)
+        self.num_classes = int(num_classes)
+        self.in_channels = int(in_channels)
+        self.mean, self.std = mean, std
+        self.image_size = int(image_size)
+        self.class_names = [str(c) for c in class_names] if class_names is not None else None
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir(self.cache_name)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self._splits: dict[str, Dataset] = {}
 
-    # -- subclass API --------------------------------------------------------------------
-    def _make_datasets(self) -> tuple[Dataset, Dataset, int]:
-        """Return (train, test, number of classes found)."""
+    # -- subclass API ---------------------------------------------------------------------
+    def _build_split(self, split: str) -> tuple[Dataset, int]:
+        """Return the whole stored ``split`` (see :meth:`_source_split`) and its number of classes."""
         raise NotImplementedError
 
-    # -- Lightning API -------------------------------------------------------------------
+    def _source_split(self, split: str) -> str:
+        """Which stored split backs ``split``: by default validation draws from the test split."""
+        return "test" if split == "val" else split
+
+    def _where(self) -> str:
+        """The data's location, for error messages."""
+        return f"'{self.root}'"
+
+    # -- helpers --------------------------------------------------------------------------
+    def _split(self, split: str) -> Dataset:
+        split = self._source_split(split)
+        if split not in self._splits:
+            ds, found = self._build_split(split)
+            if found != self.num_classes:
+                raise DataError(
+                    f"the {split} data at {self._where()} has {found} classes but data.num_classes={self.num_classes}; "
+                    "fix data.num_classes or the dataset."
+                )
+            if len(ds) == 0:  # type: ignore[arg-type]
+                raise DataError(f"the {split} data at {self._where()} is empty; point data.root at a dataset with images.")
+            self._splits[split] = ds
+        return self._splits[split]
+
+    # -- Lightning API --------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        if self.test_set is not None:
-            return
-        train, test, found = self._make_datasets()
-        if found != self.num_classes:
-            raise DataError(
-                f"the dataset at '{self.root}' has {found} classes but data.num_classes={self.num_classes}; fix one of them."
-            )
-        self.train_set = fixed_subset(train, self.limit_train, seed=self.val_seed + 1)
-        self.val_set = fixed_subset(test, self.limit_val, seed=self.val_seed)
-        self.test_set = fixed_subset(test, self.limit_test, seed=self.val_seed + 2)
+        if stage not in STAGES:
+            raise DataError(f"unknown stage {stage!r}; expected one of fit, validate, test, predict or None.")
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = fixed_subset(self._split("train"), self.limit_train, seed=self.val_seed + 1)
+        if stage in (None, "fit", "validate") and self.val_set is None:
+            self.val_set = fixed_subset(self._split("val"), self.limit_val, seed=self.val_seed)
+        if stage in (None, "test", "predict") and self.test_set is None:
+            self.test_set = fixed_subset(self._split("test"), self.limit_test, seed=self.val_seed + 2)
         log.info(
-            "%s: %d train, %d val, %d test images",
+            "%s (%s): train=%s val=%s test=%s images",
             type(self).__name__,
-            len(self.train_set),
-            len(self.val_set),
-            len(self.test_set),
+            stage,
+            *(None if s is None else len(s) for s in (self.train_set, self.val_set, self.test_set)),  # type: ignore[arg-type]
         )
 
-    def _loader(self, ds: Dataset, *, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
+    def _loader(self, ds: Dataset | None, name: str, **kwargs) -> DataLoader:
+        if ds is None:
+            raise RuntimeError(f"{type(self).__name__}.{name}_dataloader() called before setup(); call setup() first.")
         return DataLoader(
             ds,
-            batch_size=batch_size,
-            sampler=sampler,
-            shuffle=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             drop_last=False,
+            **kwargs,
         )
+
+    def _shuffle_seed(self) -> int | None:
+        if self.shuffle_seed is not None:
+            return self.shuffle_seed
+        env = os.environ.get("PL_GLOBAL_SEED")  # set by pl.seed_everything
+        return int(env) if env not in (None, "") else None
 
     def train_dataloader(self) -> DataLoader:
-        assert self.train_set is not None
-        return self._loader(
-            self.train_set,
-            batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(self.train_set), seed=self.shuffle_seed),
-        )
+        seed = self._shuffle_seed()
+        if self.train_set is not None and seed is not None:
+            sampler = EpochShuffleSampler(len(self.train_set), seed=seed)  # type: ignore[arg-type]
+            return self._loader(self.train_set, "train", batch_size=self.batch_size, sampler=sampler)
+        return self._loader(self.train_set, "train", batch_size=self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        assert self.val_set is not None
-        return self._loader(self.val_set, batch_size=self.eval_batch_size)
+        return self._loader(self.val_set, "val", batch_size=self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        assert self.test_set is not None
-        return self._loader(self.test_set, batch_size=self.eval_batch_size)
+        return self._loader(self.test_set, "test", batch_size=self.eval_batch_size, shuffle=False)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"shuffle_seed": self.shuffle_seed}
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

@@ -1,117 +1,167 @@
-"""Fashion-MNIST (28x28 grayscale, 10 classes) from the original IDX files."""
+"""Fashion-MNIST (28x28 grayscale, 10 classes) read straight from the original IDX files."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import logging
-import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
-from .base import BaseImageDataModule, DataError
+from .base import BaseImageDataModule, DataError, one_line
 from .tensor_dataset import PadCropFlip, UInt8ImageDataset
 
 log = logging.getLogger(__name__)
 
-DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
+FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
 FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
+    ("train", "images"): "train-images-idx3-ubyte",
+    ("train", "labels"): "train-labels-idx1-ubyte",
+    ("test", "images"): "t10k-images-idx3-ubyte",
+    ("test", "labels"): "t10k-labels-idx1-ubyte",
 }
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped) into a numpy array."""
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Read an unsigned-byte IDX file (gzipped if it ends in .gz) with ``ndim`` dimensions."""
     try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rb") as f:
-            data = f.read()
-        zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-        if zero != 0 or dtype_code != 0x08:
-            raise ValueError("bad magic")
-        shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
-        arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-        if arr.size != int(np.prod(shape)):
-            raise ValueError("truncated")
-        return arr.reshape(shape)
-    except (OSError, EOFError, ValueError, struct.error) as err:
-        raise DataError(f"corrupt Fashion-MNIST file '{path}' ({err}); re-download it or point data.root elsewhere.") from None
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        else:
+            data = path.read_bytes()
+        if len(data) < 4:
+            raise ValueError("file too short")
+        zero, dtype_code, nd = struct.unpack(">HBB", data[:4])
+        if zero != 0 or dtype_code != 0x08 or nd != ndim:
+            raise ValueError(f"bad IDX header (magic {data[:4].hex()}, expected 000008{ndim:02x})")
+        header = 4 + 4 * nd
+        shape = struct.unpack(f">{nd}I", data[4:header])
+        expected = int(np.prod(shape, dtype=np.int64))
+        if len(data) - header != expected:
+            raise ValueError(f"{len(data) - header} data bytes for shape {shape}, expected {expected}")
+        return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    except (OSError, EOFError, zlib.error, ValueError, struct.error) as err:
+        raise DataError(
+            f"corrupt Fashion-MNIST file '{path}' ({one_line(err)}); replace it with a good copy or point data.root elsewhere."
+        ) from None
 
 
-def find_files(root: Path) -> dict[str, Path] | None:
-    """Locate the four IDX files (plain or .gz) in root or torchvision's FashionMNIST/raw layout."""
-    for d in (root, root / "FashionMNIST" / "raw", root / "fashion-mnist"):
+def find_idx_files(root: Path) -> dict[tuple[str, str], Path] | None:
+    """The four IDX files (plain or .gz) directly in ``root`` or in torchvision's ``root/FashionMNIST/raw``."""
+    for d in (root, root / "FashionMNIST" / "raw"):
         found = {}
         for key, stem in FILES.items():
             for cand in (d / stem, d / f"{stem}.gz"):
                 if cand.is_file():
                     found[key] = cand
                     break
-        if len(found) == 4:
+        if len(found) == len(FILES):
             return found
     return None
 
 
 class FashionMNISTDataModule(BaseImageDataModule):
-    """Fashion-MNIST from ``root``, else Debian's copy, else torchvision's download.
+    """Fashion-MNIST: 60,000 train / 10,000 test images, kept in memory as uint8.
 
-    Args (besides :class:`BaseImageDataModule`'s):
-        download: allow torchvision to download into ``root`` (or ~/.cache/robustx/datasets).
+    Files are looked for in ``root`` (the four IDX files, directly or in torchvision's
+    ``FashionMNIST/raw`` layout), then Debian's ``/usr/share/datasets/fashion-mnist``, then
+    downloaded by torchvision (into ``root``, or ``cache_dir`` when root is null) if ``download``.
+    Training augmentation (``augment``, off by default): random crop with zero padding 2.
+
+    Args (besides :class:`~datamodules.base.BaseImageDataModule`'s):
+        download: allow downloading when no local copy is found.
     """
 
+    cache_name = "fashion-mnist"
+
     def __init__(self, *, download: bool = True, **kwargs) -> None:
+        kwargs.setdefault("augment", False)
         kwargs.setdefault("in_channels", 1)
         kwargs.setdefault("image_size", 28)
-        kwargs.setdefault("augment", False)
+        kwargs.setdefault("mean", [0.2860])
+        kwargs.setdefault("std", [0.3530])
+        if kwargs.get("class_names") is None and kwargs.get("num_classes", 10) == 10:
+            kwargs["class_names"] = list(FASHION_MNIST_CLASSES)
         super().__init__(**kwargs)
-        self.download = download
+        self.download = bool(download)
+        if self.in_channels != 1 or self.image_size != 28:
+            raise DataError(
+                f"Fashion-MNIST is 1x28x28 but data.in_channels={self.in_channels}, data.image_size={self.image_size}; set 1 and 28."
+            )
+        self._files: dict[tuple[str, str], Path] | None = None
 
-    def _locate(self) -> dict[str, Path]:
+    def _where(self) -> str:
+        if self._files:
+            return f"'{self._files['test', 'images'].parent}'"
+        return super()._where()
+
+    def _download(self, target: Path) -> None:
+        import torchvision
+
+        out = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out):  # torchvision prints its progress
+                torchvision.datasets.FashionMNIST(str(target), train=True, download=True)
+        except Exception as err:  # noqa: BLE001 - network errors come in many types
+            log.warning("Fashion-MNIST download to %s failed: %s", target, one_line(err))
+        finally:
+            if out.getvalue().strip():
+                log.info("torchvision: %s", one_line(out.getvalue()))
+
+    def locate(self) -> dict[tuple[str, str], Path]:
+        """Find (or download) the four IDX files; raises DataError naming every option tried."""
+        if self._files is not None:
+            return self._files
         tried = []
-        if self.root:
-            root = Path(os.path.expanduser(str(self.root)))
-            files = find_files(root)
+        root = Path(self.root).expanduser() if self.root else None
+        candidates = ([root] if root is not None else []) + [Path(DEBIAN_DIR)]
+        for cand in candidates:
+            files = find_idx_files(cand)
             if files:
+                if root is not None and cand != root:
+                    log.warning("Fashion-MNIST not found at data.root=%s; using %s", root, cand)
+                self._files = files
                 return files
-            tried.append(str(root))
-        else:
-            files = find_files(Path(DEBIAN_DIR))
-            if files:
-                return files
-            tried.append(DEBIAN_DIR)
+            tried.append(f"'{cand}'")
         if self.download:
-            target = Path(self.root or Path(os.environ.get("ROBUSTX_CACHE", "~/.cache/robustx")).expanduser() / "datasets")
-            try:
-                import torchvision
-
-                for train in (True, False):
-                    torchvision.datasets.FashionMNIST(str(target), train=train, download=True)
-            except Exception as err:  # network errors come in many types
-                log.warning("Fashion-MNIST download failed: %s", err)
-            files = find_files(target)
+            target = root if root is not None else self.cache_dir
+            self._download(target)
+            files = find_idx_files(target)
             if files:
+                self._files = files
                 return files
-            tried.append(f"download to {target}")
+            tried.append(f"a download to '{target}'")
+        else:
+            tried.append("no download (data.download=false)")
         raise DataError(
             f"Fashion-MNIST not found (tried {', '.join(tried)}): set data.root to a folder with the four IDX files, "
-            "`apt-get install dataset-fashion-mnist`, or allow data.download=true with internet access."
+            "run `apt-get install dataset-fashion-mnist`, or set data.download=true with internet access."
         )
 
-    def _make_datasets(self):
-        files = self._locate()
-        arrays = {k: read_idx(p) for k, p in files.items()}
-        for split in ("train", "test"):
-            if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
-                raise DataError(f"Fashion-MNIST {split} images and labels differ in length; re-download the files.")
-        tr_x = torch.from_numpy(arrays["train_images"].copy())[:, None]  # (N, 1, 28, 28)
-        te_x = torch.from_numpy(arrays["test_images"].copy())[:, None]  # (N, 1, 28, 28)
-        tr_y = torch.from_numpy(arrays["train_labels"].astype(np.int64))
-        te_y = torch.from_numpy(arrays["test_labels"].astype(np.int64))
-        aug = PadCropFlip(pad=2, flip=False) if self.augment else None
-        found = int(max(tr_y.max(), te_y.max())) + 1
-        return UInt8ImageDataset(tr_x, tr_y, aug), UInt8ImageDataset(te_x, te_y), found
+    def prepare_data(self) -> None:
+        self.locate()  # downloads on one process per node, if needed
+
+    def _build_split(self, split: str) -> tuple[Dataset, int]:
+        files = self.locate()
+        images = read_idx(files[split, "images"], 3)
+        labels = read_idx(files[split, "labels"], 1)
+        if images.shape[1:] != (28, 28):
+            raise DataError(f"'{files[split, 'images']}' holds {images.shape[1:]} images, not 28x28; it is not Fashion-MNIST.")
+        if len(images) != len(labels):
+            raise DataError(
+                f"'{files[split, 'images']}' has {len(images)} images but '{files[split, 'labels']}' {len(labels)} labels; "
+                "replace the mismatched file."
+            )
+        x = torch.from_numpy(images.copy())[:, None]  # (N, 1, 28, 28) uint8
+        y = torch.from_numpy(labels.astype(np.int64))
+        aug = PadCropFlip(2, flip=False, mode="constant") if (split == "train" and self.augment) else None
+        found = int(y.max()) + 1 if len(y) else 0
+        return UInt8ImageDataset(x, y, aug), found

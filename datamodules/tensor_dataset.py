@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 
 class UInt8ImageDataset(Dataset):
-    """Images kept as a uint8 (N, C, H, W) tensor; items are (float image in [0, 1], label)."""
+    """Images kept as one uint8 (N, C, H, W) tensor; items are (float (C, H, W) image in [0, 1], int label)."""
 
     def __init__(
         self,
@@ -18,8 +18,10 @@ class UInt8ImageDataset(Dataset):
         labels: torch.Tensor,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
-        assert images.dtype == torch.uint8 and images.dim() == 4, images.shape
-        assert len(images) == len(labels)
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be a uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels, self.transform = images, labels.long(), transform
 
     def __len__(self) -> int:
@@ -33,17 +35,24 @@ class UInt8ImageDataset(Dataset):
 
 
 class PadCropFlip:
-    """The paper's CIFAR-10 augmentation: replicate-pad, random crop back to size, random h-flip."""
+    """Pad, random crop back to the original size, optional random horizontal flip (tensor (C, H, W)).
 
-    def __init__(self, pad: int = 4, flip: bool = True) -> None:
-        self.pad, self.flip = pad, flip
+    The paper's CIFAR-10 augmentation is ``PadCropFlip(4, flip=True, mode="replicate")``. Uses
+    torch's global RNG, which DataLoader seeds per worker (and ``pl.seed_everything`` fixes).
+    """
+
+    def __init__(self, pad: int = 4, *, flip: bool = True, mode: str = "replicate") -> None:
+        self.pad, self.flip, self.mode = int(pad), bool(flip), mode
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        c, h, w = x.shape
-        if self.pad:
-            x = F.pad(x[None], (self.pad,) * 4, mode="replicate")[0]  # (C, H+2p, W+2p)
+        _, h, w = x.shape
+        if self.pad > 0:
+            x = F.pad(x[None], (self.pad,) * 4, mode=self.mode)[0]  # (C, H+2p, W+2p)
             i, j = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
             x = x[:, i : i + h, j : j + w]
-        if self.flip and torch.rand(()) < 0.5:
+        if self.flip and torch.rand(()).item() < 0.5:
             x = x.flip(-1)
         return x.contiguous()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(pad={self.pad}, flip={self.flip}, mode={self.mode!r})"

@@ -116,9 +116,31 @@ def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def prepare_ddp_relaunch() -> None:
+    """Make Lightning's DDP re-launch of this script run *this* job, also inside a Hydra multirun.
+
+    Lightning starts ranks 1..N-1 as ``python train.py <sys.argv[1:]> hydra.run.dir=<run.dir>``.
+    In a multirun, sys.argv holds ``-m`` and the whole sweep, and run.dir is not the job's
+    folder, so each child would start a sweep of its own in the wrong place. Rewrite both to
+    this job's overrides and output folder.
+    """
+    import sys
+
+    from omegaconf import open_dict, read_write
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return
+    sys.argv = [sys.argv[0], *hc.overrides.task]
+    node = HydraConfig.instance().cfg
+    with read_write(node), read_write(node.hydra), read_write(node.hydra.run), open_dict(node.hydra.run):
+        node.hydra.run.dir = hc.runtime.output_dir
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (and test, and export) the model described by ``cfg``; returns the final metrics."""
     start = time.time()
+    prepare_ddp_relaunch()
     output_dir = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = _resolve_ckpt(cfg.get("ckpt_path"))
@@ -137,6 +159,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = _scalar_metrics(trainer.callback_metrics)
     train_seconds = time.time() - start
+    # Per-rank controller state: under DDP every rank must have used the same psi.
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / f"rank{trainer.global_rank}_state.json").write_text(
+        json.dumps({"rank": trainer.global_rank, "psi": module.psi.psi, "psi_integral": module.psi.integral, "global_step": trainer.global_step})
+    )
 
     if cfg.get("test"):
         test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)

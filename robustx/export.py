@@ -247,7 +247,8 @@ def load_model(
         model = build_model(config)
     except ModelConfigError as err:
         raise ExportError(
-            f"'{path}' describes a model robustx cannot build ({_one_line(err)})"
+            f"'{path}' describes a model robustx cannot build ({_one_line(err).rstrip('.')}); "
+            "only robustx.models.MODEL_TARGETS can be loaded."
         ) from None
 
     expected = model.state_dict()

@@ -15,7 +15,6 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import pickle
@@ -64,6 +63,11 @@ def _one_line(err: BaseException | str) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+def _describe(err: BaseException) -> str:
+    text = " ".join(str(err).split())[:200].rstrip(".")
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def _refused_global(message: str) -> str | None:
     """The global that torch's restricted unpickler refused, as ``module.name``, if any."""
     match = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", message)
@@ -76,6 +80,16 @@ def _refused_global(message: str) -> str | None:
     name = match.group(1).strip()
     # torch reports builtins without their module ("eval" for builtins.eval).
     return name if ("." in name or name.startswith("<")) else f"builtins.{name}"
+
+
+def _inner_reason(message: str) -> str:
+    """The unpickler's own complaint inside torch's long "Weights only load failed" text."""
+    parts = [
+        p.strip()
+        for p in message.split("\n\n")
+        if p.strip() and not p.strip().startswith(("Weights only load failed", "Check the documentation"))
+    ]
+    return _one_line(parts[-1] if parts else message)[:200]
 
 
 def _replace_placeholder(obj: Any) -> Any:
@@ -131,13 +145,17 @@ def read_reference_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, t
         ) from None
     except pickle.UnpicklingError as err:
         name = _refused_global(str(err))
-        what = f"it asks to run '{name}'" if name else "its pickle asks for more than tensors"
-        raise LegacyCheckpointError(f"refusing to load '{path}': {what}; {_ADVICE}.") from None
+        if name is not None:
+            raise LegacyCheckpointError(f"refusing to load '{path}': it asks to run '{name}'; {_ADVICE}.") from None
+        raise LegacyCheckpointError(
+            f"cannot read '{path}' safely ({_inner_reason(str(err))}): it is truncated or not one of the "
+            f"authors' checkpoints; {_ADVICE}."
+        ) from None
     except LegacyCheckpointError:
         raise
     except Exception as err:  # truncated / not a torch file: unpickling can fail in many ways
         raise LegacyCheckpointError(
-            f"cannot read '{path}' as a torch checkpoint ({type(err).__name__}: {_one_line(err)[:200]}); "
+            f"cannot read '{path}' as a torch checkpoint ({_describe(err)}); "
             "it may be truncated: fetch the authors' file again."
         ) from None
 
@@ -217,7 +235,9 @@ def import_reference_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module
     try:
         model = build_model(config)
     except ModelConfigError as err:
-        raise LegacyCheckpointError(f"'{path}' describes an unsupported network ({_one_line(err)})") from None
+        raise LegacyCheckpointError(
+            f"'{path}' describes a network robustx cannot build ({_one_line(err).rstrip('.')})."
+        ) from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -11,6 +11,15 @@ from robustx.export import ExportError, load_model, read_metadata, save_model
 from robustx.models import PreActResNet, SmallCNN
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, oversubscribed OpenMP threads are ~5x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _perturb_buffers(model):
     """Give BN statistics (and the activation widths) non-default values so they must round-trip."""
     g = torch.Generator().manual_seed(0)
