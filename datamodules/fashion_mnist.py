@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import io
 import logging
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -72,8 +73,9 @@ class FashionMNISTDataModule(BaseImageDataModule):
     """Fashion-MNIST: 60,000 train / 10,000 test images, kept in memory as uint8.
 
     Files are looked for in ``root`` (the four IDX files, directly or in torchvision's
-    ``FashionMNIST/raw`` layout), then Debian's ``/usr/share/datasets/fashion-mnist``, then
-    downloaded by torchvision (into ``root``, or ``cache_dir`` when root is null) if ``download``.
+    ``FashionMNIST/raw`` layout) or, when root is null, Debian's ``/usr/share/datasets/fashion-mnist``;
+    if missing, torchvision downloads them (into ``root``, or ``cache_dir`` when root is null)
+    unless ``download`` is false.
     Training augmentation (``augment``, off by default): random crop with zero padding 2.
 
     Args (besides :class:`~datamodules.base.BaseImageDataModule`'s):
@@ -106,31 +108,37 @@ class FashionMNISTDataModule(BaseImageDataModule):
     def _download(self, target: Path) -> None:
         import torchvision
 
+        existing = next((p for p in [target, *target.parents] if p.exists()), None)
+        new_top = None if existing == target else next(p for p in [target, *target.parents] if p.parent == existing)
         out = io.StringIO()
         try:
             with contextlib.redirect_stdout(out):  # torchvision prints its progress
                 torchvision.datasets.FashionMNIST(str(target), train=True, download=True)
         except Exception as err:  # noqa: BLE001 - network errors come in many types
             log.warning("Fashion-MNIST download to %s failed: %s", target, one_line(err))
+            if new_top is not None:  # don't leave empty folders behind a failed download
+                shutil.rmtree(new_top, ignore_errors=True)
         finally:
             if out.getvalue().strip():
                 log.info("torchvision: %s", one_line(out.getvalue()))
 
     def locate(self) -> dict[tuple[str, str], Path]:
-        """Find (or download) the four IDX files; raises DataError naming every option tried."""
+        """Find (or download) the four IDX files; raises DataError naming every option tried.
+
+        An explicit ``root`` is authoritative (no silent fallback to another copy): the files
+        must be there, or are downloaded there. Without ``root``: Debian's copy, then a download
+        into ``cache_dir``.
+        """
         if self._files is not None:
             return self._files
         tried = []
         root = Path(self.root).expanduser() if self.root else None
-        candidates = ([root] if root is not None else []) + [Path(DEBIAN_DIR)]
-        for cand in candidates:
-            files = find_idx_files(cand)
-            if files:
-                if root is not None and cand != root:
-                    log.warning("Fashion-MNIST not found at data.root=%s; using %s", root, cand)
-                self._files = files
-                return files
-            tried.append(f"'{cand}'")
+        local = root if root is not None else Path(DEBIAN_DIR)
+        files = find_idx_files(local)
+        if files:
+            self._files = files
+            return files
+        tried.append(f"'{local}'")
         if self.download:
             target = root if root is not None else self.cache_dir
             self._download(target)
@@ -143,7 +151,7 @@ class FashionMNISTDataModule(BaseImageDataModule):
             tried.append("no download (data.download=false)")
         raise DataError(
             f"Fashion-MNIST not found (tried {', '.join(tried)}): set data.root to a folder with the four IDX files, "
-            "run `apt-get install dataset-fashion-mnist`, or set data.download=true with internet access."
+            "run `apt-get install dataset-fashion-mnist` (and leave data.root null), or set data.download=true with internet access."
         )
 
     def prepare_data(self) -> None:
