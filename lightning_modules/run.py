@@ -139,13 +139,38 @@ def prepare_ddp_relaunch() -> None:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (and test, and export) the model described by ``cfg``; returns the final metrics."""
+    env_before = dict(os.environ)
+    try:
+        return _train(cfg)
+    finally:
+        _teardown_distributed(env_before)
+
+
+def _teardown_distributed(env_before: dict[str, str]) -> None:
+    """Leave the process as a fresh one for the next job of a multirun.
+
+    Lightning's DDP launch sets LOCAL_RANK, MASTER_PORT, ... in os.environ and keeps a process
+    group; a second job in the same process would otherwise think its ranks already exist.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for key in set(os.environ) - set(env_before):
+        del os.environ[key]
+    for key, value in env_before.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
+
+
+def _train(cfg: DictConfig) -> dict[str, float]:
     start = time.time()
     prepare_ddp_relaunch()
     output_dir = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = _resolve_ckpt(cfg.get("ckpt_path"))
 
-    datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
     module = build_module(cfg)
     callbacks = instantiate_callbacks(cfg)
     loggers = instantiate_loggers(cfg)

@@ -46,7 +46,7 @@ def run_dirs(tmp_path: Path, kind: str = "runs") -> list[Path]:
 
 
 def test_demo_smoke_with_wandb_offline(tmp_path):
-    proc = run_train(tmp_path, "+experiment=demo", "trainer.max_epochs=1", *SMALL, env={"WANDB_MODE": ""})
+    proc = run_train(tmp_path, "+experiment=demo", "trainer.max_epochs=1", *SMALL, "data.limit_train=2048", env={"WANDB_MODE": ""})
     out = proc.stdout + proc.stderr
     assert "logging offline" in out
     (run,) = run_dirs(tmp_path)
@@ -91,18 +91,18 @@ def test_multirun_with_ddp_sim(tmp_path):
 
 
 def test_resume_continues_where_it_stopped(tmp_path):
-    common = ["+experiment=demo", "logger=csv", "test=false", *SMALL, "data.limit_train=512"]
-    full = tmp_path / "full"
-    half = tmp_path / "half"
-    full.mkdir(), half.mkdir()
-    run_train(full, *common, "trainer.max_epochs=2")
-    run_train(half, *common, "trainer.max_epochs=1")
-    (first,) = run_dirs(half)
-    run_train(half, *common, "trainer.max_epochs=2", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}")
+    # A 2-epoch run keeps its epoch-1 checkpoint: that is what a run killed during epoch 2
+    # leaves as last.ckpt. Resuming from it must reproduce the uninterrupted run exactly
+    # (weights, psi integrator, data order, optimizer and lr schedule).
+    common = ["+experiment=demo", "logger=csv", "test=false", *SMALL, "data.limit_train=512", "trainer.max_epochs=2", "method.l_target=3.0"]
+    run_train(tmp_path, *common, "callbacks.model_checkpoint.save_top_k=-1")
+    (ref,) = run_dirs(tmp_path)
+    ckpt = ref / "checkpoints" / "epoch_000.ckpt"
+    assert ckpt.is_file()
+    run_train(tmp_path, *common, f"ckpt_path={ckpt}")
+    (resumed,) = [r for r in run_dirs(tmp_path) if r != ref]
     from safetensors.torch import load_file
 
-    (ref,) = run_dirs(full)
-    resumed = [r for r in run_dirs(half) if r != first][0]
     a, b = load_file(ref / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
@@ -110,7 +110,8 @@ def test_resume_continues_where_it_stopped(tmp_path):
     sa = json.loads((ref / "rank0_state.json").read_text())
     sb = json.loads((resumed / "rank0_state.json").read_text())
     assert sa["global_step"] == sb["global_step"] == 8
-    assert sa["psi_integral"] == pytest.approx(sb["psi_integral"], rel=1e-6)
+    assert sa["psi_integral"] > 0
+    assert sa["psi_integral"] == pytest.approx(sb["psi_integral"], rel=1e-9)
 
 
 @pytest.mark.parametrize(
