@@ -1,0 +1,1 @@
+"""Lightning callbacks (robustness evaluation during training lives here)."""
