@@ -1,1 +1,5 @@
-"""Lightning callbacks (robustness evaluation during training lives here)."""
+"""Lightning callbacks: robustness evaluation during training."""
+
+from .ara_evaluation import ARAEvaluation
+
+__all__ = ["ARAEvaluation"]

@@ -65,6 +65,7 @@ class RobustClassifier(pl.LightningModule):
         self.optim = optim
         self.psi = self.method.make_psi()
         num_classes = int(model_cfg.get("num_classes", 10))
+        self.num_classes = num_classes
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")

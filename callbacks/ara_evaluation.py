@@ -1,0 +1,181 @@
+"""ARAEvaluation: the Accuracy-Robustness Area during training (cheap, every N epochs) and at the end (full protocol)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from robustx.ara import ara_curve, evaluate_batch
+from robustx.ara_metric import ARAMetric
+
+log = logging.getLogger(__name__)
+
+
+class ARAEvaluation(pl.Callback):
+    """Log val/ara_attack, val/ara_btr (+ 95% CIs, median r, curves) on a fixed validation subset.
+
+    Every ``every_n_epochs`` epochs it runs the minimal-perturbation search with cheap settings
+    on ``num_images`` images; at the end of training it runs ``final`` settings (the paper's
+    protocol by default) on ``final_num_images``. Images are sharded across DDP ranks and the
+    r_i gathered by :class:`robustx.ara_metric.ARAMetric`. Seconds per call are logged
+    (``val/ara_seconds``) and printed in the log.
+
+    Args:
+        every_n_epochs: period (0 disables the periodic evaluation).
+        num_images, steps, eps, momentum: periodic settings.
+        final: run the final evaluation at the end of training.
+        final_num_images, final_steps, final_eps, final_momentum: final settings (paper: 1000, 450, 20, 0.9).
+        batch_size: images per attack batch.
+        bf16: run the attack under bf16 autocast (faster on CPUs with AVX-512 BF16 and on GPUs).
+        bootstrap: bootstrap resamples for the CIs.
+        clip: keep perturbed images in [0, 1].
+        output_dir: where ``ara_epoch<k>.json`` / ``ara_final.json`` go (default: the trainer's log dir).
+    """
+
+    def __init__(
+        self,
+        *,
+        every_n_epochs: int = 5,
+        num_images: int = 100,
+        steps: int = 45,
+        eps: float = 2.0,
+        momentum: float = 0.0,
+        final: bool = True,
+        final_num_images: int = 1000,
+        final_steps: int = 450,
+        final_eps: float = 20.0,
+        final_momentum: float = 0.9,
+        batch_size: int = 100,
+        bf16: bool = False,
+        bootstrap: int = 1000,
+        clip: bool = False,
+        output_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if every_n_epochs < 0 or num_images <= 0 or final_num_images <= 0 or batch_size <= 0:
+            raise ValueError("ARAEvaluation: every_n_epochs >= 0 and num_images, final_num_images, batch_size > 0 are required.")
+        if steps <= 0 or final_steps <= 0 or eps <= 0 or final_eps <= 0:
+            raise ValueError("ARAEvaluation: steps and eps must be > 0 (paper protocol: 450 steps, eps 20).")
+        self.every_n_epochs = every_n_epochs
+        self.periodic = {"num_images": num_images, "steps": steps, "eps": eps, "momentum": momentum}
+        self.final_settings = {"num_images": final_num_images, "steps": final_steps, "eps": final_eps, "momentum": final_momentum}
+        self.final, self.batch_size, self.bf16 = final, batch_size, bf16
+        self.bootstrap, self.clip, self.output_dir = bootstrap, clip, output_dir
+        self.history: list[dict[str, Any]] = []
+
+    # -- hooks -----------------------------------------------------------------------------
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._run(trainer, pl_module, self.periodic, tag=f"epoch{trainer.current_epoch:03d}", log_to_module=True)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.final:
+            self._run(trainer, pl_module, self.final_settings, tag="final", log_to_module=False)
+
+    # -- work ------------------------------------------------------------------------------
+    def _images(self, trainer: pl.Trainer, n: int):
+        dm = trainer.datamodule
+        ds = getattr(dm, "val_set", None) if dm is not None else None
+        if ds is None:
+            raise ValueError("ARAEvaluation needs a datamodule with a val_set (call setup('fit') first).")
+        n = min(n, len(ds))
+        ids = list(range(trainer.global_rank, n, trainer.world_size))  # shard across ranks
+        return ds, ids, n
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, s: dict[str, Any], *, tag: str, log_to_module: bool) -> None:
+        start = time.time()
+        ds, ids, n = self._images(trainer, s["num_images"])
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        metric = ARAMetric(int(getattr(pl_module, "num_classes", 0) or trainer.datamodule.num_classes), bootstrap=self.bootstrap).to(pl_module.device)
+        found = {"attack": 0, "btr": 0}
+        late = {"attack": 0, "btr": 0}
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                for i in range(0, len(ids), self.batch_size):
+                    chunk = ids[i : i + self.batch_size]
+                    x = torch.stack([ds[j][0] for j in chunk]).to(pl_module.device)
+                    y = torch.tensor([int(ds[j][1]) for j in chunk], device=pl_module.device)
+                    if getattr(pl_module.hparams, "channels_last", False):
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    out = evaluate_batch(
+                        model, x, y, steps=s["steps"], eps=s["eps"], momentum=s["momentum"], clip=self.clip,
+                        autocast_dtype=torch.bfloat16 if self.bf16 else None,
+                    )
+                    metric.update(out["r_attack"], out["r_btr"], torch.tensor(chunk, device=pl_module.device))
+                    for mode in found:
+                        found[mode] += int(out[f"found_{mode}"].sum())
+                        late[mode] += int((out[f"first_fail_step_{mode}"] > s["steps"] // 2).sum() + (~out[f"found_{mode}"]).sum())
+        finally:
+            model.train(was_training)
+        res = metric.compute()
+        seconds = time.time() - start
+        values = {
+            "val/ara_attack": res["attack/ara"],
+            "val/ara_btr": res["btr/ara"],
+            "val/ara_attack_ci_low": res["attack/ara_ci_low"],
+            "val/ara_attack_ci_high": res["attack/ara_ci_high"],
+            "val/ara_btr_ci_low": res["btr/ara_ci_low"],
+            "val/ara_btr_ci_high": res["btr/ara_ci_high"],
+            "val/median_r_attack": res["attack/median_r"],
+            "val/median_r_btr": res["btr/median_r"],
+            "val/ara_seconds": seconds,
+        }
+        prefix = "final/" if tag == "final" else ""
+        log.info(
+            "ARA %s (%d images, %d steps): attack %.5f [%.5f, %.5f], btr %.5f [%.5f, %.5f]; %.1f s (%.2f s/image)",
+            tag, n, s["steps"], res["attack/ara"], res["attack/ara_ci_low"], res["attack/ara_ci_high"],
+            res["btr/ara"], res["btr/ara_ci_low"], res["btr/ara_ci_high"], seconds, seconds / max(1, len(ids)),
+        )
+        for mode in late:
+            if late[mode]:
+                log.warning(
+                    "ARA %s: %d image(s) did not fail the %s criterion within %d steps; their r_i are lower bounds "
+                    "and the ARA is not representative (raise the steps or eps).", tag, late[mode], mode, s["steps"] // 2,
+                )
+        if log_to_module:
+            for k, v in values.items():
+                pl_module.log(k, v, sync_dist=False, rank_zero_only=True)
+        elif trainer.is_global_zero:
+            for lg in trainer.loggers:
+                lg.log_metrics({prefix + k: v for k, v in values.items()}, step=trainer.global_step)
+        if trainer.is_global_zero:
+            self._log_curves(trainer, metric, tag)
+            record = {"tag": tag, "epoch": trainer.current_epoch, "settings": s, "num_images": n, **res, "seconds": seconds,
+                      "r_attack": metric.values("attack").tolist(), "r_btr": metric.values("btr").tolist()}
+            self.history.append({k: v for k, v in record.items() if not k.startswith("r_")})
+            out_dir = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            tmp = out_dir / f".ara_{tag}.json.tmp"
+            tmp.write_text(json.dumps(record))
+            tmp.replace(out_dir / f"ara_{tag}.json")
+
+    def _log_curves(self, trainer: pl.Trainer, metric: ARAMetric, tag: str) -> None:
+        try:
+            from pytorch_lightning.loggers import WandbLogger
+        except ImportError:  # pragma: no cover
+            return
+        for lg in trainer.loggers:
+            if not isinstance(lg, WandbLogger):
+                continue
+            import wandb
+
+            rows = []
+            for mode in ("attack", "btr"):
+                radii, acc = ara_curve(metric.values(mode))
+                rows += [[mode, float(a), float(b)] for a, b in zip(radii, acc)]
+            table = wandb.Table(data=rows, columns=["criterion", "rmse", "fraction_above"])
+            lg.experiment.log(
+                {
+                    f"ara_curve/{tag}": wandb.plot.line(table, "rmse", "fraction_above", stroke="criterion", title=f"Accuracy-robustness curve ({tag})"),
+                    f"ara_table/{tag}": table,
+                    "trainer/global_step": trainer.global_step,
+                }
+            )

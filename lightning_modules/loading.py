@@ -1,0 +1,50 @@
+"""Load a classifier from any of the project's formats, never executing pickled code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from robustx.models import build_model
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path is missing or in an unknown format."""
+
+
+def load_classifier(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Load (model in eval mode, info) from a Lightning ``.ckpt``, an exported ``.safetensors`` or an authors' ``.pt``.
+
+    Lightning checkpoints are read with ``torch.load(weights_only=True)`` and rebuilt from the
+    allowlisted model config they carry; exports need no pickle at all; the authors' legacy
+    files go through :mod:`robustx.legacy`'s restricted loader.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist; pass a .ckpt, .safetensors or reference .pt file.")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from robustx.export import load_model
+
+        model, meta = load_model(path)
+        return model, {"format": "safetensors", "model_config": meta["model_config"], "metadata": meta}
+    if suffix == ".pt":
+        from robustx.legacy import import_reference_checkpoint
+
+        model, info = import_reference_checkpoint(path)
+        return model, {"format": "reference", **info}
+    if suffix == ".ckpt":
+        try:
+            ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as err:  # corrupt files raise many types
+            raise CheckpointError(f"'{path}' is not a readable Lightning checkpoint ({str(err).splitlines()[0]}).") from None
+        if "model_config" not in ckpt or "state_dict" not in ckpt:
+            raise CheckpointError(f"'{path}' was not written by this project's RobustClassifier (no model_config).")
+        model = build_model(ckpt["model_config"])
+        state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        model.load_state_dict(state, strict=True)
+        return model.eval(), {"format": "lightning", "model_config": ckpt["model_config"], "epoch": ckpt.get("epoch")}
+    raise CheckpointError(f"unknown checkpoint format '{suffix}' for '{path}'; use .ckpt, .safetensors or an authors' .pt.")

@@ -1,0 +1,101 @@
+"""eval.py end to end: JSON schema, curves PNG, resume from cached batches, several checkpoints, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from robustx.export import save_model
+from robustx.models import SmallCNN
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+FMNIST = SHARED / "datasets" / "fashion-mnist"
+pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason=f"needs {FMNIST}")
+
+CHEAP = [
+    "data=fashion_mnist",
+    f"data.root={FMNIST}",
+    "ara.protocol=cheap",
+    "ara.steps=12",
+    "ara.num_images=16",
+    "ara.batch_size=8",
+    "ara.bootstrap=50",
+    "cross_check.steps=30",
+]
+
+
+def run_eval(tmp_path: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ROBUSTX_ROOT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), *overrides], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"eval.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _export(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    cfg = {"_target_": "robustx.models.SmallCNN", "channels": [8, 8, 8], "hidden": 16}
+    return save_model(SmallCNN(channels=(8, 8, 8), hidden=16), path, model_config=cfg)
+
+
+def test_eval_json_png_resume_and_several_checkpoints(tmp_path):
+    a, b = _export(tmp_path / "a.safetensors", 0), _export(tmp_path / "b.safetensors", 1)
+    proc = run_eval(tmp_path, f"ckpt=[{a},{b}]", *CHEAP, "hydra.run.dir=out1")
+    res = json.loads((tmp_path / "out1" / "a.json").read_text())
+    for key in ("checkpoint", "accuracy", "attack", "btr", "ensemble", "cross_check", "settings", "versions", "seconds", "ids", "warnings"):
+        assert key in res, key
+    for mode in ("attack", "btr"):
+        m = res[mode]
+        assert {"ara", "ara_binned", "ara_ci_low", "ara_ci_high", "median_r", "r"} <= set(m)
+        assert len(m["r"]) == 16 and m["ara_ci_low"] <= m["ara"] <= m["ara_ci_high"]
+    # eps = 0 of the curve is the clean accuracy
+    assert sum(r > 0 for r in res["attack"]["r"]) / 16 == pytest.approx(res["accuracy"])
+    assert res["ensemble"]["ara"] <= res["attack"]["ara"] + 1e-12
+    assert res["settings"]["steps"] == 12 and res["versions"]["torch"] == torch.__version__
+    for f in ("a.png", "b.png", "curves.png"):
+        assert (tmp_path / "out1" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A second run over the same images resumes every batch from the cache, with identical results.
+    proc = run_eval(tmp_path, f"ckpt={a}", *CHEAP, "hydra.run.dir=out2")
+    assert "resumed 2 of 2 batches" in proc.stdout + proc.stderr
+    res2 = json.loads((tmp_path / "out2" / "a.json").read_text())
+    assert res2["attack"]["r"] == res["attack"]["r"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("ckpt=/nonexistent.safetensors", "does not exist"),
+        ("ara.protocol=bogus", "unknown ara.protocol"),
+        ("ara.steps=0", "must be > 0"),
+    ],
+)
+def test_eval_user_errors(tmp_path, override, message):
+    a = _export(tmp_path / "a.safetensors", 0)
+    args = [f"ckpt={a}", *CHEAP, override]
+    proc = run_eval(tmp_path, *args, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and message in out and "Traceback" not in out, out[-1500:]
+
+
+REF = SHARED / "reference-checkpoints"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REF / "resnet44-robust.pt").is_file(), reason="needs the reference checkpoints")
+def test_reference_networks_rank_as_expected(tmp_path):
+    names = ["resnet44-standard", "resnet44-adv-train", "resnet44-robust"]
+    ckpts = ",".join(str(REF / f"{n}.pt") for n in names)
+    run_eval(
+        tmp_path, f"ckpt=[{ckpts}]", f"data.root={SHARED / 'datasets' / 'cifar10-jpeg'}", "ara.protocol=cheap",
+        "ara.num_images=40", "ara.batch_size=40", "ara.bootstrap=0", "ara.modes=[btr]", "cross_check.attacks=[]", "hydra.run.dir=out",
+    )
+    ara = {n: json.loads((tmp_path / "out" / f"{n}.json").read_text())["btr"]["ara"] for n in names}
+    assert ara["resnet44-standard"] * 3 < ara["resnet44-adv-train"] < ara["resnet44-robust"], ara
