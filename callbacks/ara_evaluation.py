@@ -35,7 +35,7 @@ class ARAEvaluation(pl.Callback):
         bf16: run the attack under bf16 autocast (faster on CPUs with AVX-512 BF16 and on GPUs).
         bootstrap: bootstrap resamples for the CIs.
         clip: keep perturbed images in [0, 1].
-        output_dir: where ``ara_epoch<k>.json`` / ``ara_final.json`` go (default: the trainer's log dir).
+        output_dir: where ``ara_epoch<k>.json`` / ``ara_final.json`` go (default: trainer.default_root_dir, the run folder).
     """
 
     def __init__(
@@ -151,7 +151,7 @@ class ARAEvaluation(pl.Callback):
             record = {"tag": tag, "epoch": trainer.current_epoch, "settings": s, "num_images": n, **res, "seconds": seconds,
                       "r_attack": metric.values("attack").tolist(), "r_btr": metric.values("btr").tolist()}
             self.history.append({k: v for k, v in record.items() if not k.startswith("r_")})
-            out_dir = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+            out_dir = Path(self.output_dir or trainer.default_root_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
             tmp = out_dir / f".ara_{tag}.json.tmp"
             tmp.write_text(json.dumps(record))

@@ -158,6 +158,9 @@ def plot_curves(results: list[dict[str, Any]], png: Path, modes: list[str]) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if all("ensemble" in r for r in results):
+        modes = [*modes, "ensemble"]
+    titles = {"attack": "Attack (paper search)", "btr": "BTR (paper search)", "ensemble": "Attack (ensemble: paper + adv-lib)"}
     fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), squeeze=False)
     for ax, mode in zip(axes[0], modes):
         for res in results:
@@ -167,7 +170,7 @@ def plot_curves(results: list[dict[str, Any]], png: Path, modes: list[str]) -> N
         ax.set_xscale("symlog", linthresh=1e-3)
         ax.set_xlabel("perturbation RMSE r")
         ax.set_ylabel("fraction of images with r_i > r")
-        ax.set_title(f"{'Attack' if mode == 'attack' else 'BTR'} accuracy-robustness curve")
+        ax.set_title(titles[mode])
         ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = png.with_suffix(".tmp.png")

@@ -131,3 +131,23 @@ def test_user_errors_are_one_line(tmp_path, override, message):
     assert proc.returncode == 2, out[-2000:]
     assert message in out
     assert "Traceback" not in out
+
+
+def test_ara_callback_logs_to_wandb_offline(tmp_path):
+    run_train(
+        tmp_path, "+experiment=demo", "trainer.max_epochs=1", *SMALL, "callbacks=ara",
+        "callbacks.ara_evaluation.every_n_epochs=1", "callbacks.ara_evaluation.num_images=16",
+        "callbacks.ara_evaluation.steps=10", "callbacks.ara_evaluation.final_num_images=16",
+        "callbacks.ara_evaluation.final_steps=20", "callbacks.ara_evaluation.bootstrap=50",
+        "callbacks.ara_evaluation.batch_size=8", env={"WANDB_MODE": ""},
+    )
+    (run,) = run_dirs(tmp_path)
+    periodic = json.loads((run / "ara_epoch000.json").read_text())
+    final = json.loads((run / "ara_final.json").read_text())
+    assert periodic["settings"]["steps"] == 10 and final["settings"]["steps"] == 20
+    assert len(final["r_attack"]) == 16 and final["attack/ara"] >= 0
+    assert "val/ara_attack" in json.loads((run / "metrics.json").read_text())["metrics"]
+    log = (run / "train.log").read_text()
+    assert "ARA epoch000 (16 images, 10 steps)" in log and " s/image)" in log
+    (wandb_run,) = list((run / "wandb").glob("offline-run-*"))
+    assert list(wandb_run.glob("*.wandb"))
