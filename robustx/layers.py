@@ -78,7 +78,9 @@ class HalfHuberReLU(nn.Module):
         self._d = float(self.d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _HHReLU.apply(x, self._d)
+        # Reading a CPU buffer is free; on accelerators use the cached value (no device sync).
+        d = float(self.d) if self.d.device.type == "cpu" else self._d
+        return _HHReLU.apply(x, d)
 
     def extra_repr(self) -> str:
         return f"d={float(self.d):g}"
