@@ -189,17 +189,8 @@ def pgd_l2(
         delta = torch.zeros_like(images)
     if clip:
         delta = (images + delta).clamp(0, 1) - images
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        loss = F.cross_entropy(model(images + delta).float(), labels, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, delta)
-        with torch.no_grad():
-            delta = delta + alpha * grad / (1e-12 + rmse(grad).view(-1, 1, 1, 1))
-            scale = (eps / (1e-12 + rmse(delta))).clamp(max=1.0)
-            delta = delta * scale.view(-1, 1, 1, 1)
-            if clip:
-                delta = (images + delta).clamp(0, 1) - images
-    return (images + delta).detach()
+    loss_fn = lambda logits: F.cross_entropy(logits.float(), labels, reduction="sum")  # noqa: E731
+    return _l2_ascent(model, images, delta, loss_fn, eps=eps, steps=steps, alpha=alpha, clip=clip)
 
 
 def trades_adversary(
@@ -225,11 +216,15 @@ def trades_adversary(
     with torch.no_grad():
         p_clean = F.softmax(model(images).float(), dim=1)
     delta = 0.001 * torch.randn(images.shape, device=images.device, generator=generator)
+    loss_fn = lambda logits: F.kl_div(F.log_softmax(logits.float(), dim=1), p_clean, reduction="sum")  # noqa: E731
+    return _l2_ascent(model, images, delta, loss_fn, eps=eps, steps=steps, alpha=alpha, clip=clip)
+
+
+def _l2_ascent(model, images, delta, loss_fn, *, eps: float, steps: int, alpha: float, clip: bool) -> torch.Tensor:
+    """Projected L2 steepest ascent of ``loss_fn(model(images + delta))`` in the RMSE ball of radius eps."""
     for _ in range(steps):
         delta.requires_grad_(True)
-        logp = F.log_softmax(model(images + delta).float(), dim=1)
-        loss = F.kl_div(logp, p_clean, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, delta)
+        (grad,) = torch.autograd.grad(loss_fn(model(images + delta)), delta)
         with torch.no_grad():
             delta = delta + alpha * grad / (1e-12 + rmse(grad).view(-1, 1, 1, 1))
             scale = (eps / (1e-12 + rmse(delta))).clamp(max=1.0)
