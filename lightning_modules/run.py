@@ -31,6 +31,19 @@ def _has_wandb_key() -> bool:
     return bool(auth and auth[2])
 
 
+def _wandb_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection attempt to the W&B server (only made when an API key exists)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    try:
+        with socket.create_connection((url.hostname or "api.wandb.ai", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def configure_wandb_mode() -> str:
     """Choose online/offline for W&B before any logger starts; say so in one log line."""
     mode = os.environ.get("WANDB_MODE", "").lower()
@@ -40,6 +53,10 @@ def configure_wandb_mode() -> str:
     if not _has_wandb_key():
         os.environ["WANDB_MODE"] = "offline"
         log.info("W&B: no API key found (WANDB_API_KEY or ~/.netrc), logging offline; `wandb sync` uploads later.")
+        return "offline"
+    if not _wandb_reachable():
+        os.environ["WANDB_MODE"] = "offline"
+        log.info("W&B: server not reachable, logging offline; `wandb sync` uploads later.")
         return "offline"
     return mode or "online"
 
