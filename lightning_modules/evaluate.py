@@ -54,9 +54,35 @@ def _versions() -> dict[str, str]:
             "robustx": robustx.__version__, "machine": platform.machine(), "threads": str(torch.get_num_threads())}
 
 
+def _load_cached(path: Path | None) -> dict | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        log.warning("ignoring corrupt cache file %s", path)
+        return None
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size) under torchrun, else (0, 1); joins the process group on first use."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
 def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, num_classes: int, cache_dir: Path | None,
-                        bootstrap: int, device: str, cross_check: dict | None = None) -> dict[str, Any]:
-    """Run the minimal-perturbation search on ``dataset[ids]``; per-batch results are cached for resume."""
+                        bootstrap: int, device: str, cross_check: dict | None = None) -> dict[str, Any] | None:
+    """Run the minimal-perturbation search on ``dataset[ids]``; per-batch results are cached for resume.
+
+    Under torchrun, rank k computes batches k, k + W, ...; the cache folder is where the ranks
+    meet: after a barrier rank 0 reads every batch back and summarizes (other ranks return None).
+    """
     from tqdm.auto import tqdm
 
     model, info = load_classifier(path)
@@ -65,17 +91,20 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
         model = model.to(memory_format=torch.channels_last)
     start = time.time()
     batches = [ids[i : i + settings["batch_size"]] for i in range(0, len(ids), settings["batch_size"])]
-    results: list[dict[str, list]] = []
+    rank, world = _dist()
+    if world > 1 and cache_dir is None:
+        raise ValueError("eval.py under torchrun needs cache=true: the cache folder is how ranks share results.")
+    results: list[dict[str, list] | None] = []
     resumed = 0
-    for b, chunk in enumerate(tqdm(batches, desc=f"ARA {path.name}", unit="batch", dynamic_ncols=True)):
+    mine = [b for b in range(len(batches)) if b % world == rank]
+    for b in tqdm(mine, desc=f"ARA {path.name}" + (f" [rank {rank}]" if world > 1 else ""), unit="batch", dynamic_ncols=True):
+        chunk = batches[b]
         cached = cache_dir / f"batch_{b:05d}.json" if cache_dir else None
-        if cached is not None and cached.is_file():
-            try:
-                results.append(json.loads(cached.read_text()))
-                resumed += 1
-                continue
-            except json.JSONDecodeError:
-                log.warning("ignoring corrupt cache file %s", cached)
+        rec = _load_cached(cached)
+        if rec is not None:
+            results.append(rec)
+            resumed += 1
+            continue
         x = torch.stack([dataset[j][0] for j in chunk]).to(device)
         y = torch.tensor([int(dataset[j][1]) for j in chunk], device=device)
         if settings["channels_last"]:
@@ -95,9 +124,18 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
         results.append(rec)
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(".tmp")
+            tmp = cached.with_suffix(f".tmp{rank}")
             tmp.write_text(json.dumps(rec))
             os.replace(tmp, cached)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank != 0:
+            return None
+        results = [_load_cached(cache_dir / f"batch_{b:05d}.json") for b in range(len(batches))]
+        if any(r is None for r in results):
+            raise RuntimeError("a rank's cached batch is missing after the barrier; rerun to resume.")
     if resumed:
         log.info("%s: resumed %d of %d batches from %s", path.name, resumed, len(batches), cache_dir)
     seconds = time.time() - start
@@ -205,6 +243,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         cross = OmegaConf.to_container(cfg.cross_check, resolve=True) if cfg.get("cross_check") else None
         res = evaluate_checkpoint(p, ds, ids, settings, num_classes=int(dm.num_classes), cache_dir=cache_dir,
                                   bootstrap=int(cfg.ara.bootstrap), device=str(cfg.device), cross_check=cross)
+        if res is None:  # a non-zero torchrun rank: rank 0 writes the outputs
+            continue
         res.update({"settings": settings, "data": {k: data_cfg.get(k) for k in ("_target_", "root", "limit_test", "val_seed")},
                     "num_classes": int(dm.num_classes), "versions": _versions()})
         stem = p.stem
@@ -219,6 +259,10 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
             line += f", ensemble attack ARA {res['ensemble']['ara']:.5f}"
         log.info("%s: accuracy %.4f, %s; %.1f s -> %s", p.name, res["accuracy"], line, res["seconds"], out_dir / f"{stem}.json")
         results.append(res)
+    if _dist()[1] > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     if len(results) > 1:
         plot_curves(results, out_dir / "curves.png", settings["modes"])
         log.info("all curves: %s", out_dir / "curves.png")

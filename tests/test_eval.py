@@ -99,3 +99,23 @@ def test_reference_networks_rank_as_expected(tmp_path):
     )
     ara = {n: json.loads((tmp_path / "out" / f"{n}.json").read_text())["btr"]["ara"] for n in names}
     assert ara["resnet44-standard"] * 3 < ara["resnet44-adv-train"] < ara["resnet44-robust"], ara
+
+
+def test_eval_torchrun_two_ranks_equals_one_process(tmp_path):
+    a = _export(tmp_path / "a.safetensors", 0)
+    run_eval(tmp_path, f"ckpt={a}", *CHEAP, "hydra.run.dir=single", "paths.log_dir=logs_single")
+    env = {**os.environ, "ROBUSTX_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node=2", str(ROOT / "eval.py"), f"ckpt={a}", *CHEAP,
+         "hydra.run.dir=multi", "paths.log_dir=logs_multi"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one = json.loads((tmp_path / "single" / "a.json").read_text())
+    two = json.loads((tmp_path / "multi" / "a.json").read_text())
+    assert two["ids"] == one["ids"]
+    for mode in ("attack", "btr"):
+        assert two[mode]["r"] == pytest.approx(one[mode]["r"], rel=1e-5, abs=1e-7)
+    # each rank computed its own batches
+    assert len(list((tmp_path / "logs_multi" / "eval_cache").glob("*/batch_*.json"))) == 2
