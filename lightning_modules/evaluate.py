@@ -97,45 +97,65 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
     results: list[dict[str, list] | None] = []
     resumed = 0
     mine = [b for b in range(len(batches)) if b % world == rank]
+    attacks = list((cross_check or {}).get("attacks", []))
+    xsteps = (cross_check or {}).get("steps")
+
+    def save(path: Path | None, rec: dict) -> None:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{rank}")
+            tmp.write_text(json.dumps(rec))
+            os.replace(tmp, path)
+
+    # The paper search and each cross-check attack are cached separately, so adding a
+    # cross-check later reuses the (expensive) paper-protocol results.
+    paths = lambda b: (  # noqa: E731
+        cache_dir / f"batch_{b:05d}.json" if cache_dir else None,
+        {n: cache_dir / f"{n}-{xsteps}_batch_{b:05d}.json" if cache_dir else None for n in attacks},
+    )
     for b in tqdm(mine, desc=f"ARA {path.name}" + (f" [rank {rank}]" if world > 1 else ""), unit="batch", dynamic_ncols=True):
         chunk = batches[b]
-        cached = cache_dir / f"batch_{b:05d}.json" if cache_dir else None
-        rec = _load_cached(cached)
-        if rec is not None:
-            results.append(rec)
+        main_path, x_paths = paths(b)
+        rec = _load_cached(main_path)
+        todo = [n for n in attacks if _load_cached(x_paths[n]) is None]
+        if rec is not None and not todo:
             resumed += 1
             continue
         x = torch.stack([dataset[j][0] for j in chunk]).to(device)
         y = torch.tensor([int(dataset[j][1]) for j in chunk], device=device)
         if settings["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = evaluate_batch(model, x, y, modes=tuple(settings["modes"]), steps=settings["steps"], eps=settings["eps"],
-                             momentum=settings["momentum"], clip=settings["clip"],
-                             autocast_dtype=torch.bfloat16 if settings["bf16"] else None)
-        rec = {k: v.cpu().tolist() for k, v in out.items()}
-        rec["ids"] = chunk
-        for name in (cross_check or {}).get("attacks", []):
+        if rec is None:
+            out = evaluate_batch(model, x, y, modes=tuple(settings["modes"]), steps=settings["steps"], eps=settings["eps"],
+                                 momentum=settings["momentum"], clip=settings["clip"],
+                                 autocast_dtype=torch.bfloat16 if settings["bf16"] else None)
+            rec = {k: v.cpu().tolist() for k, v in out.items()}
+            rec["ids"] = chunk
+            save(main_path, rec)
+        for name in todo:
             from robustx.crosscheck import independent_minimal_perturbation
 
             t0 = time.time()
-            r_ind, _ = independent_minimal_perturbation(model, x.contiguous(), y, attack=name, steps=cross_check.get("steps"))
-            rec[f"r_{name}"] = r_ind.cpu().tolist()
-            rec[f"seconds_{name}"] = time.time() - t0
-        results.append(rec)
-        if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(f".tmp{rank}")
-            tmp.write_text(json.dumps(rec))
-            os.replace(tmp, cached)
+            r_ind, _ = independent_minimal_perturbation(model, x.contiguous(), y, attack=name, steps=xsteps)
+            save(x_paths[name], {f"r_{name}": r_ind.cpu().tolist(), f"seconds_{name}": time.time() - t0})
+        if cache_dir is None:  # no cache: keep results in memory
+            results.append(rec)
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
         if rank != 0:
             return None
-        results = [_load_cached(cache_dir / f"batch_{b:05d}.json") for b in range(len(batches))]
-        if any(r is None for r in results):
-            raise RuntimeError("a rank's cached batch is missing after the barrier; rerun to resume.")
+    if cache_dir is not None:
+        results = []
+        for b in range(len(batches)):
+            main_path, x_paths = paths(b)
+            rec = _load_cached(main_path)
+            for n in attacks:
+                rec = None if rec is None else {**rec, **(_load_cached(x_paths[n]) or {"missing": True})}
+            if rec is None or "missing" in rec:
+                raise RuntimeError(f"cached batch {b} is missing after evaluation (cache {cache_dir}); rerun to resume.")
+            results.append(rec)
     if resumed:
         log.info("%s: resumed %d of %d batches from %s", path.name, resumed, len(batches), cache_dir)
     seconds = time.time() - start
@@ -237,8 +257,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for p in paths:
-        key = _cache_key(p, {**settings, "cross_check": OmegaConf.to_container(cfg.get("cross_check") or {})},
-                         {k: data_cfg.get(k) for k in ("_target_", "root", "limit_test", "val_seed")})
+        key = _cache_key(p, settings, {k: data_cfg.get(k) for k in ("_target_", "root", "limit_test", "val_seed")})
         cache_dir = Path(cfg.paths.log_dir) / "eval_cache" / key if cfg.get("cache") else None
         cross = OmegaConf.to_container(cfg.cross_check, resolve=True) if cfg.get("cross_check") else None
         res = evaluate_checkpoint(p, ds, ids, settings, num_classes=int(dm.num_classes), cache_dir=cache_dir,
