@@ -41,9 +41,19 @@ def _settings(cfg: DictConfig) -> dict[str, Any]:
             "clip": bool(a.clip), "bf16": bool(a.bf16), "channels_last": bool(a.channels_last)}
 
 
+def _file_digest(path: Path) -> str:
+    """sha256 of a file's bytes: the cache follows the weights, not the file's mtime or location."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _cache_key(path: Path, settings: dict, data: dict) -> str:
-    st = path.stat()
-    h = hashlib.sha1(json.dumps([str(path.resolve()), st.st_size, int(st.st_mtime), settings, data], sort_keys=True).encode())
+    # Content, not mtime: copying a checkpoint or restarting a machine that remounts its
+    # folder must not throw away hours of cached search.
+    h = hashlib.sha1(json.dumps([_file_digest(path), settings, data], sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
@@ -126,11 +136,13 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
         if settings["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
         if rec is None:
+            t0 = time.time()
             out = evaluate_batch(model, x, y, modes=tuple(settings["modes"]), steps=settings["steps"], eps=settings["eps"],
                                  momentum=settings["momentum"], clip=settings["clip"],
                                  autocast_dtype=torch.bfloat16 if settings["bf16"] else None)
             rec = {k: v.cpu().tolist() for k, v in out.items()}
             rec["ids"] = chunk
+            rec["seconds"] = time.time() - t0
             save(main_path, rec)
         for name in todo:
             from robustx.crosscheck import independent_minimal_perturbation
@@ -158,13 +170,18 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
             results.append(rec)
     if resumed:
         log.info("%s: resumed %d of %d batches from %s", path.name, resumed, len(batches), cache_dir)
-    seconds = time.time() - start
+    wall = time.time() - start
+    # Compute time of the search, summed over batches whether computed now or resumed from the
+    # cache, so a resumed evaluation still reports what the measurement cost.
+    untimed = sum(1 for r in results if "seconds" not in r)
+    seconds = sum(float(r.get("seconds", 0.0)) for r in results)
     cat = lambda k: [v for r in results for v in r[k]]  # noqa: E731
     correct = cat("correct")
     out: dict[str, Any] = {
         "checkpoint": str(path), "format": info["format"], "model_config": info.get("model_config"),
         "num_images": len(ids), "accuracy": sum(correct) / len(correct), "ids": cat("ids"),
-        "seconds": seconds, "seconds_resumed_batches_excluded": resumed == 0,
+        "seconds": seconds, "wall_seconds_this_run": wall, "batches_resumed": resumed,
+        "batches_without_timing": untimed,
     }
     warnings = []
     for mode in settings["modes"]:
@@ -259,6 +276,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     for p in paths:
         key = _cache_key(p, settings, {k: data_cfg.get(k) for k in ("_target_", "root", "limit_test", "val_seed")})
         cache_dir = Path(cfg.paths.log_dir) / "eval_cache" / key if cfg.get("cache") else None
+        if cache_dir is not None:
+            log.info("%s: per-batch results cached in %s (a killed run resumes from there)", p.name, cache_dir)
         cross = OmegaConf.to_container(cfg.cross_check, resolve=True) if cfg.get("cross_check") else None
         res = evaluate_checkpoint(p, ds, ids, settings, num_classes=int(dm.num_classes), cache_dir=cache_dir,
                                   bootstrap=int(cfg.ara.bootstrap), device=str(cfg.device), cross_check=cross)

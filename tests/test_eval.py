@@ -67,6 +67,9 @@ def test_eval_json_png_resume_and_several_checkpoints(tmp_path):
     assert "resumed 2 of 2 batches" in proc.stdout + proc.stderr
     res2 = json.loads((tmp_path / "out2" / "a.json").read_text())
     assert res2["attack"]["r"] == res["attack"]["r"]
+    # The search's cost survives the resume (summed from the cached batches), not 0 s.
+    assert res["seconds"] > 0 and res2["seconds"] == pytest.approx(res["seconds"])
+    assert res2["batches_resumed"] == 2 and res2["batches_without_timing"] == 0
 
 
 @pytest.mark.parametrize(
