@@ -38,6 +38,14 @@ METHODS = {
         "penalty": True,
         "adversarial": {"kind": "l2min", "eps": 0.1, "steps": 7, "half_and_half": True, "attack_subset": True},
     },
+    "robust (finite_difference)": {"name": "robust", "activation": "hhrelu", "penalty": True, "penalty_impl": "finite_difference"},
+    "all (finite_difference + attack_subset)": {
+        "name": "all",
+        "activation": "hhrelu",
+        "penalty": True,
+        "penalty_impl": "finite_difference",
+        "adversarial": {"kind": "l2min", "eps": 0.1, "steps": 7, "half_and_half": True, "attack_subset": True},
+    },
 }
 PATHS = {"fp32 eager": (False, False), "bf16-mixed": (True, False), "bf16-mixed + channels_last": (True, True)}
 
@@ -84,13 +92,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--json", default=None)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), help="subset of: %(default)s")
+    ap.add_argument("--paths", nargs="+", default=list(PATHS), help="subset of: %(default)s")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for model_name in args.models:
         base = time_step(model_name, METHODS["plain"], batch=args.batch, repeats=args.repeats, bf16=False, cl=False)
         for path, (bf16, cl) in PATHS.items():
+            if path not in args.paths:
+                continue
             for name, method in METHODS.items():
+                if name not in args.methods and name != "plain":
+                    continue
                 t = base if (name == "plain" and not bf16 and not cl) else time_step(
                     model_name, method, batch=args.batch, repeats=args.repeats, bf16=bf16, cl=cl
                 )

@@ -16,7 +16,7 @@ from torch import nn
 
 from .adaptive import AdaptivePsi
 from .attacks import engine_attack, half_and_half_mask, pgd_l2, trades_adversary
-from .penalty import input_gradient_penalty
+from .penalty import PENALTY_IMPLS, finite_difference_penalty, input_gradient_penalty
 
 __all__ = ["AdversarialConfig", "MethodConfig", "make_adversarial", "training_loss", "StepOutput"]
 
@@ -78,6 +78,10 @@ class MethodConfig:
     eps_better: float = 1.0
     eps_worse: float = 0.01
     adaptive: bool = True
+    # How the penalty's parameter gradient is computed: the paper's double backprop (exact), or
+    # a finite difference along dP/dg (one extra forward/backward instead; not in the paper).
+    penalty_impl: str = "double_backprop"
+    fd_h: float = 5e-4
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
     def __post_init__(self) -> None:
@@ -87,6 +91,10 @@ class MethodConfig:
             raise ValueError(f"method.z must be > 0, got {self.z}; the paper uses z=2.")
         if not 0 <= self.zeta <= 1:
             raise ValueError(f"method.zeta must be in [0, 1], got {self.zeta}; the paper uses 0.2.")
+        if self.penalty_impl not in PENALTY_IMPLS:
+            raise ValueError(f"method.penalty_impl must be one of {PENALTY_IMPLS}, got '{self.penalty_impl}'.")
+        if not self.fd_h > 0:
+            raise ValueError(f"method.fd_h must be > 0, got {self.fd_h}; it is an RMSE in [0, 1] pixel space (try 5e-4).")
         if self.activation not in ("relu", "hhrelu"):
             raise ValueError(f"method.activation must be 'relu' or 'hhrelu', got '{self.activation}'.")
 
@@ -217,7 +225,12 @@ def training_loss(
     """
     adv_cfg = method.adversarial
     x = make_adversarial(model, images, labels, adv_cfg, generator=generator)
-    if method.penalty:
+    surrogate = None
+    if method.penalty and method.penalty_impl == "finite_difference":
+        logits, penalty, surrogate = finite_difference_penalty(
+            model, x, labels, z=method.z, zeta=method.zeta, h=method.fd_h, generator=generator
+        )
+    elif method.penalty:
         logits, penalty = input_gradient_penalty(
             model, x, labels, z=method.z, zeta=method.zeta, create_graph=True, generator=generator
         )
@@ -240,5 +253,5 @@ def training_loss(
             raise ValueError("training_loss needs an AdaptivePsi when method.penalty is on.")
         ce_all = ce.detach() if reduce_mean is None else reduce_mean(ce.detach())
         psi_value = psi.update(float(ce_all))
-        loss = loss + psi_value * penalty
+        loss = loss + psi_value * (penalty if surrogate is None else surrogate)
     return StepOutput(loss=loss, ce=ce, penalty=penalty.detach(), psi=psi_value, logits=logits, labels=labels)

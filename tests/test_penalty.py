@@ -90,3 +90,56 @@ def test_bad_values():
         input_gradient_penalty(model, x, y, z=0)
     with pytest.raises(ValueError, match="zeta must be in"):
         input_gradient_penalty(model, x, y, zeta=1.5)
+
+
+def _param_grad(loss, params):
+    gs = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, params)])
+
+
+@pytest.mark.parametrize("z", [2.0, 3.0])
+def test_finite_difference_gradient_matches_double_backprop(z):
+    """The option's surrogate has (almost) the exact penalty gradient on a smooth (HHReLU) network, in float64."""
+    from robustx.layers import HalfHuberReLU
+    from robustx.penalty import finite_difference_penalty
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), HalfHuberReLU(), nn.Flatten(), nn.Linear(6 * 16, 5)
+    ).double().train()
+    x = torch.rand(8, 1, 4, 4, dtype=torch.float64)
+    y = torch.randint(5, (8,))
+    params = list(model.parameters())
+    _, exact_pen = input_gradient_penalty(model, x, y, z=z, zeta=0.5, generator=torch.Generator().manual_seed(3))
+    exact = _param_grad(exact_pen, params)
+    _, pen, sur = finite_difference_penalty(model, x, y, z=z, zeta=0.5, h=1e-6, generator=torch.Generator().manual_seed(3))
+    approx = _param_grad(sur, params)
+    assert pen.item() == pytest.approx(exact_pen.item(), rel=1e-10)  # the reported value is exact
+    assert torch.nn.functional.cosine_similarity(exact, approx, 0) > 0.9999
+    assert (approx.norm() / exact.norm()).item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_finite_difference_probe_leaves_batchnorm_statistics_alone():
+    """Only the real forward updates running statistics, as with double backprop."""
+    from robustx.penalty import finite_difference_penalty
+
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3 * 16, 4)).train()  # noqa: E731
+    a = make()
+    b = make()
+    b.load_state_dict(a.state_dict())
+    x, y = torch.rand(5, 1, 6, 6), torch.randint(4, (5,))
+    input_gradient_penalty(a, x, y)
+    finite_difference_penalty(b, x, y)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(va, vb), ka
+    assert b[1].momentum == a[1].momentum
+
+
+def test_penalty_impl_options_are_validated():
+    from robustx.training import MethodConfig
+
+    with pytest.raises(ValueError, match="penalty_impl"):
+        MethodConfig(penalty_impl="bogus")
+    with pytest.raises(ValueError, match="fd_h"):
+        MethodConfig(fd_h=0.0)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Train the demo (robust method) with the paper's double-backprop penalty and with the
+# finite-difference option (fp32 and bf16-mixed), then measure each with the same ARA evaluation
+# (final callback pass: 200 validation images, 100 steps, eps 5, momentum 0.9).
+# Usage: bash bench/compare_penalty_impl.sh [OUT]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-results/penalty_impl}
+run() {  # name precision impl
+  .venv/bin/python train.py +experiment=demo logger=csv trainer.enable_progress_bar=false trainer.precision=$2 \
+    method.penalty_impl=$3 callbacks=ara callbacks.ara_evaluation.every_n_epochs=0 callbacks.ara_evaluation.final_num_images=200 \
+    callbacks.ara_evaluation.final_steps=100 callbacks.ara_evaluation.final_eps=5 callbacks.ara_evaluation.final_momentum=0.9 \
+    hydra.run.dir=$OUT/$1
+}
+run double_backprop-32 32-true double_backprop
+run finite_difference-32 32-true finite_difference
+run double_backprop-bf16 bf16-mixed double_backprop
+run finite_difference-bf16 bf16-mixed finite_difference
+.venv/bin/python - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+print("| penalty | precision | test acc | val acc | final psi | ARA attack [95% CI] | ARA BTR [95% CI] | train s | s/step |")
+print("|---|---|---|---|---|---|---|---|---|")
+for name in ("double_backprop-32", "finite_difference-32", "double_backprop-bf16", "finite_difference-bf16"):
+    impl, prec = name.split("-")
+    m = json.load(open(f"{out}/{name}/metrics.json")); a = json.load(open(f"{out}/{name}/ara_final.json"))
+    print(f"| {impl} | {prec} | {m['metrics']['test/acc']:.4f} | {m['metrics']['val/acc']:.4f} | {m['metrics'].get('train/psi', float('nan')):.0f} "
+          f"| {a['attack/ara']:.5f} [{a['attack/ara_ci_low']:.5f}, {a['attack/ara_ci_high']:.5f}] "
+          f"| {a['btr/ara']:.5f} [{a['btr/ara_ci_low']:.5f}, {a['btr/ara_ci_high']:.5f}] | {m['train_seconds']:.0f} | {m['seconds_per_step']:.3f} |")
+PY
