@@ -29,7 +29,7 @@ def _settings(cfg: DictConfig) -> dict[str, Any]:
     if a.protocol not in PROTOCOLS:
         raise ValueError(f"unknown ara.protocol '{a.protocol}'; choose one of {sorted(PROTOCOLS)}.")
     s = dict(PROTOCOLS[a.protocol])
-    for k in ("steps", "eps", "momentum"):
+    for k in ("steps", "eps", "momentum", "refine"):
         if a.get(k) is not None:
             s[k] = a[k]
     if s["steps"] <= 0 or s["eps"] <= 0:
@@ -139,7 +139,8 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
             t0 = time.time()
             out = evaluate_batch(model, x, y, modes=tuple(settings["modes"]), steps=settings["steps"], eps=settings["eps"],
                                  momentum=settings["momentum"], clip=settings["clip"],
-                                 autocast_dtype=torch.bfloat16 if settings["bf16"] else None)
+                                 autocast_dtype=torch.bfloat16 if settings["bf16"] else None,
+                                 refine=int(settings.get("refine", 0)))
             rec = {k: v.cpu().tolist() for k, v in out.items()}
             rec["ids"] = chunk
             rec["seconds"] = time.time() - t0

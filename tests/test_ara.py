@@ -91,6 +91,25 @@ def test_paper_attack_never_beats_the_true_minimum_on_multiclass_linear_model():
     assert res.rechecked.all()
 
 
+def test_fast_protocol_refinement_is_tight_and_only_shrinks_r():
+    from robustx.ara import PROTOCOLS
+
+    fast = PROTOCOLS["fast"]
+    for c in (2, 10):
+        model = _linear(3 * 8 * 8, c)
+        x = torch.rand(48, 3, 8, 8)
+        y = model(x).argmax(1)
+        exact = _analytic_attack_rmse(model, x, y)
+        coarse = minimal_perturbation(model, x, y, mode="attack", steps=fast["steps"], eps=fast["eps"], momentum=fast["momentum"])
+        res = minimal_perturbation(model, x, y, mode="attack", **fast)
+        assert res.found.all() and res.rechecked.all()  # refined examples still fail, in full precision
+        assert (res.r <= coarse.r + 1e-7).all() and (res.r / exact >= 1 - 1e-4).all()
+        if c == 2:  # one boundary: the bisection lands on it
+            assert (res.r / exact <= 1.01).all()
+    with pytest.raises(ValueError, match="refine"):
+        minimal_perturbation(model, x, y, steps=2, refine=-1)
+
+
 def _tiny_trained_cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     model = SmallCNN(channels=(8, 8, 8), hidden=16, mean=(0.5,), std=(0.25,))
