@@ -1,0 +1,209 @@
+"""Figures of adversarial explanations next to the usual saliency baselines (matplotlib, Agg, no pyplot).
+
+:func:`explanation_grid` draws, for every image, a row ``input | AE toward each target`` with
+each AE panel captioned ``class: p_before -> p_after``, and under it a row of attribution maps
+(Grad-CAM, integrated gradients, saliency, SmoothGrad, LIME, ...) for the image's true or
+predicted class. It is pure: tensors and names in, a :class:`matplotlib.figure.Figure` out,
+built on its own Agg canvas so no pyplot state is created or leaked. :func:`save_png` writes a
+figure atomically (temporary file in the same folder, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from torch import Tensor
+
+__all__ = ["BASELINE_TITLES", "column_kinds", "explanation_grid", "save_png"]
+
+#: Display names of the attribution methods (robustx.attribution.METHODS).
+BASELINE_TITLES = {
+    "ae": "AE |delta|",
+    "gradcam": "Grad-CAM",
+    "integrated_gradients": "Integrated grad.",
+    "saliency": "Saliency",
+    "smoothgrad": "SmoothGrad",
+    "lime": "LIME",
+}
+
+
+def column_kinds(spec: Sequence[object] | str | int, num_classes: int) -> list[str]:
+    """Column kinds of a target spec, one per AE column -> (K,) strings.
+
+    ``"true"`` and ``"second"`` keep their names, ``"all"`` expands to ``num_classes`` columns
+    of kind ``"all"``, anything else (a class index or name) is ``"class"``; matches the K
+    columns that :func:`robustx.explanations.resolve_targets` produces for the same spec.
+    """
+    items = [spec] if isinstance(spec, (str, int)) else list(spec)
+    out: list[str] = []
+    for item in items:
+        if item in ("true", "second"):
+            out.append(str(item))
+        elif item == "all":
+            out += ["all"] * num_classes
+        else:
+            out.append("class")
+    return out
+
+
+def _name(c: int, class_names: Sequence[str] | None) -> str:
+    return str(class_names[c]) if class_names is not None and 0 <= c < len(class_names) else str(c)
+
+
+def _show_image(ax, x: Tensor) -> None:
+    """Draw a (C, H, W) image in [0, 1] (clamped) on ax: gray for C = 1, RGB for C = 3."""
+    x = x.detach().float().cpu().clamp(0, 1)
+    if x.size(0) == 1:
+        ax.imshow(x[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(x[:3].permute(1, 2, 0).numpy(), interpolation="nearest")  # (H, W, 3)
+
+
+def _show_map(ax, m: Tensor) -> None:
+    """Draw a (H, W) non-negative map scaled to its own maximum."""
+    m = m.detach().float().cpu()
+    top = float(m.max()) if m.numel() else 0.0
+    ax.imshow((m / top if top > 0 else m).numpy(), cmap="inferno", vmin=0, vmax=1, interpolation="nearest")
+
+
+def _blank(ax) -> None:
+    ax.set_axis_off()
+
+
+def explanation_grid(
+    images: Tensor,
+    explanations: Tensor,
+    targets: Tensor,
+    prob_before: Tensor,
+    prob_after: Tensor,
+    *,
+    class_names: Sequence[str] | None = None,
+    kinds: Sequence[str] | None = None,
+    preds: Tensor | None = None,
+    pred_probs: Tensor | None = None,
+    labels: Tensor | None = None,
+    baselines: Mapping[str, Tensor] | None = None,
+    baseline_targets: Tensor | None = None,
+    row_titles: Sequence[str] | None = None,
+    title: str | None = None,
+    panel_inches: float = 1.25,
+    fontsize: float = 6.5,
+):
+    """Grid of adversarial explanations (and baseline maps) of B images -> matplotlib Figure.
+
+    Per image: a row ``input | AE(target 1) | ... | AE(target K)``, each AE captioned
+    ``class: p_before -> p_after`` (the target's softmax probability on the image and on the
+    AE), then, if ``baselines`` is given, a row of attribution maps for ``baseline_targets``.
+
+    Args:
+        images: (B, C, H, W) inputs in [0, 1], C = 1 or 3.
+        explanations: (B, K, C, H, W) adversarial explanations (shown clamped to [0, 1]).
+        targets: (B, K) int target class of each AE.
+        prob_before: (B, K) target probability on the image.
+        prob_after: (B, K) target probability on the AE.
+        class_names: (num_classes,) names; indices are shown without them.
+        kinds: (K,) column kinds, e.g. from :func:`column_kinds` (``true``, ``second``, ``all``, ``class``).
+        preds: (B,) predicted classes, shown over the input.
+        pred_probs: (B,) their probabilities, shown with them.
+        labels: (B,) true classes (None: unknown), shown over the input.
+        baselines: method name -> (B, H, W) non-negative maps, drawn in this order (each scaled to its maximum).
+        baseline_targets: (B,) the class the maps explain (shown in the row's first panel).
+        row_titles: (B,) text left of each image row (e.g. file names).
+        title: figure title.
+        panel_inches: size of one panel.
+        fontsize: caption font size.
+    Returns:
+        A :class:`matplotlib.figure.Figure` on an Agg canvas (not registered with pyplot).
+    Raises:
+        ValueError: inconsistent shapes.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if images.dim() != 4 or explanations.dim() != 5:
+        raise ValueError(
+            f"images must be (B, C, H, W) and explanations (B, K, C, H, W), got {tuple(images.shape)} and {tuple(explanations.shape)}."
+        )
+    b, k = explanations.shape[:2]
+    if images.size(0) != b or tuple(explanations.shape[2:]) != tuple(images.shape[1:]):
+        raise ValueError(f"explanations {tuple(explanations.shape)} do not match images {tuple(images.shape)}; expected (B, K, C, H, W).")
+    for name, t in (("targets", targets), ("prob_before", prob_before), ("prob_after", prob_after)):
+        if tuple(t.shape) != (b, k):
+            raise ValueError(f"{name} must be (B, K) = ({b}, {k}), got {tuple(t.shape)}.")
+    kinds = list(kinds) if kinds is not None else ["class"] * k
+    if len(kinds) != k:
+        raise ValueError(f"kinds has {len(kinds)} entries for K = {k} explanations per image; pass one per column.")
+    baselines = dict(baselines or {})
+    for name, m in baselines.items():
+        if tuple(m.shape) != (b, *images.shape[2:]):
+            raise ValueError(f"baseline '{name}' maps must be (B, H, W) = ({b}, {images.size(2)}, {images.size(3)}), got {tuple(m.shape)}.")
+
+    targets, prob_before, prob_after = targets.cpu(), prob_before.float().cpu(), prob_after.float().cpu()
+    ncols = max(1 + k, 1 + len(baselines))
+    rows_per_image = 2 if baselines else 1
+    nrows = b * rows_per_image
+    fig = Figure(figsize=(ncols * panel_inches, nrows * panel_inches * 1.18 + (0.3 if title else 0.0)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for i in range(b):
+        r = i * rows_per_image
+        ax = axes[r, 0]
+        _show_image(ax, images[i])
+        lines = ["input"]
+        if labels is not None:
+            lines.append(f"label: {_name(int(labels[i]), class_names)}")
+        if preds is not None:
+            p = f" ({float(pred_probs[i]):.2f})" if pred_probs is not None else ""
+            lines.append(f"pred: {_name(int(preds[i]), class_names)}{p}")
+        ax.set_title("\n".join(lines), fontsize=fontsize)
+        if row_titles is not None:
+            ax.set_ylabel(str(row_titles[i]), fontsize=fontsize)
+        for j in range(k):
+            ax = axes[r, 1 + j]
+            _show_image(ax, explanations[i, j])
+            c = int(targets[i, j])
+            ax.set_title(
+                f"AE: {kinds[j]}\n{_name(c, class_names)}: {float(prob_before[i, j]):.2f} -> {float(prob_after[i, j]):.2f}",
+                fontsize=fontsize,
+            )
+        for j in range(1 + k, ncols):
+            _blank(axes[r, j])
+        if baselines:
+            r += 1
+            ax = axes[r, 0]
+            ax.set_axis_off()
+            cls = _name(int(baseline_targets[i]), class_names) if baseline_targets is not None else "?"
+            ax.text(0.5, 0.5, f"maps for\n{cls}", ha="center", va="center", fontsize=fontsize + 1, transform=ax.transAxes)
+            for j, (name, maps) in enumerate(baselines.items()):
+                ax = axes[r, 1 + j]
+                _show_map(ax, maps[i])
+                ax.set_title(BASELINE_TITLES.get(name, name), fontsize=fontsize)
+            for j in range(1 + len(baselines), ncols):
+                _blank(axes[r, j])
+    if title:
+        fig.suptitle(title, fontsize=fontsize + 2)
+    fig.subplots_adjust(left=0.03, right=0.99, bottom=0.01, top=1 - (0.55 if title else 0.35) / (nrows * panel_inches * 1.18),
+                        wspace=0.08, hspace=0.55)
+    return fig
+
+
+def save_png(fig, path: str | os.PathLike[str], *, dpi: int = 150) -> Path:
+    """Write ``fig`` as a PNG at ``path`` atomically (temporary file in the same folder, then os.replace) -> path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
