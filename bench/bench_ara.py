@@ -4,7 +4,8 @@
 
 The yardstick is a straightforward fp32 eager implementation of the algorithm kept in this file;
 the project's paths are robustx.ara.minimal_perturbation in fp32, with bf16 autocast, and with
-bf16 + channels_last. For each path: image-steps per second, speed-up over the yardstick,
+bf16 + channels_last, and the "fast" protocol (T=112, path 2, bisection 10; fp32 and bf16) whose r_i
+and ARAs are compared with the paper-protocol yardstick. For each path: image-steps per second, speed-up over the yardstick,
 the median relative difference of r_i to the fp32 yardstick, and both ARAs. Images: the
 CIFAR-10 JPEG test split when ../shared is there, else random images.
 """
@@ -20,10 +21,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from robustx.ara import ara_exact, minimal_perturbation
+from robustx.ara import PROTOCOLS, ara_exact, minimal_perturbation
 from robustx.models import resnet44
 
 ROOT = Path(__file__).resolve().parents[1]
+
+#: name -> (autocast dtype, channels_last, protocol or None for the command line's steps/eps/momentum).
+#: The "fast" rows run PROTOCOLS["fast"] (T=112, path 2, bisection 10: about 4x fewer gradient
+#: evaluations, not in the paper) and are compared with the paper-protocol yardstick.
+PATHS = {
+    "robustx fp32": (None, False, None),
+    "robustx bf16": (torch.bfloat16, False, None),
+    "robustx bf16 + channels_last": (torch.bfloat16, True, None),
+    "robustx fast fp32": (None, False, "fast"),
+    "robustx fast bf16": (torch.bfloat16, False, "fast"),
+}
 
 
 def yardstick(model, x, y, *, mode, steps, eps, momentum):
@@ -79,31 +91,40 @@ def main() -> None:
     ap.add_argument("--eps", type=float, default=20.0)
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--ckpt", default=str(ROOT.parent / "shared" / "reference-checkpoints" / "resnet44-robust.pt"))
+    ap.add_argument("--paths", nargs="+", default=list(PATHS), help="subset of: %(default)s")
+    ap.add_argument("--modes", nargs="+", default=["attack", "btr"])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    unknown = sorted(set(args.paths) - set(PATHS))
+    if unknown:
+        ap.error(f"unknown path(s) {unknown}; choose from {list(PATHS)}")
     model, x, y = load(args)
     kw = dict(steps=args.steps, eps=args.eps, momentum=args.momentum)
     print(f"# ARA search, resnet44 ({Path(args.ckpt).name if Path(args.ckpt).is_file() else 'random init'}), "
           f"{args.images} images, {args.steps} steps, {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}")
     print("| path | mode | s | image-steps/s | x yardstick | median rel. diff r vs fp32 | ARA | ARA rel. diff |")
     print("|---|---|---|---|---|---|---|---|")
-    for mode in ("attack", "btr"):
+    for mode in args.modes:
         t0 = time.perf_counter()
         r_ref = yardstick(model, x, y, mode=mode, **kw)
         base = time.perf_counter() - t0
         r_ref = torch.where(torch.isfinite(r_ref), r_ref, torch.zeros_like(r_ref))
         ara_ref = ara_exact(r_ref, 10)
         print(f"| yardstick fp32 loop | {mode} | {base:.1f} | {args.images * args.steps / base:.1f} | 1.00 | - | {ara_ref:.5f} | - |")
-        for name, dtype, cl in (("robustx fp32", None, False), ("robustx bf16", torch.bfloat16, False),
-                                ("robustx bf16 + channels_last", torch.bfloat16, True)):
+        for name in args.paths:
+            dtype, cl, proto = PATHS[name]
+            pkw = dict(kw) if proto is None else {k: v for k, v in PROTOCOLS[proto].items()}
             m = model.to(memory_format=torch.channels_last) if cl else model.to(memory_format=torch.contiguous_format)
             xi = x.contiguous(memory_format=torch.channels_last) if cl else x.contiguous()
             t0 = time.perf_counter()
-            res = minimal_perturbation(m, xi, y, mode=mode, autocast_dtype=dtype, **kw)
+            res = minimal_perturbation(m, xi, y, mode=mode, autocast_dtype=dtype, **pkw)
             sec = time.perf_counter() - t0
             both = (r_ref > 0) & (res.r > 0)
             rel = ((res.r - r_ref).abs() / r_ref.clamp(min=1e-12))[both].median().item() if both.any() else 0.0
             ara = ara_exact(res.r, 10)
-            print(f"| {name} | {mode} | {sec:.1f} | {args.images * args.steps / sec:.1f} | {base / sec:.2f} | {rel:.4f} | {ara:.5f} | {abs(ara - ara_ref) / max(ara_ref, 1e-12):.4f} |")
+            print(f"| {name} | {mode} | {sec:.1f} | {args.images * pkw['steps'] / sec:.1f} | {base / sec:.2f} | {rel:.4f} | {ara:.5f} | {abs(ara - ara_ref) / max(ara_ref, 1e-12):.4f} |")
         model = model.to(memory_format=torch.contiguous_format)
 
 
