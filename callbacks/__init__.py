@@ -1,5 +1,6 @@
 """Lightning callbacks: robustness evaluation during training."""
 
 from .ara_evaluation import ARAEvaluation
+from .time_budget import TimeBudget
 
-__all__ = ["ARAEvaluation"]
+__all__ = ["ARAEvaluation", "TimeBudget"]

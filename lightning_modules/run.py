@@ -240,6 +240,13 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         tmp.write_text(json.dumps(result, indent=2))
         os.replace(tmp, output_dir / "metrics.json")
         log.info("Final metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
+        if cfg.get("bench") and cfg.bench.get("evaluate"):
+            # The benchmark protocol (conf/experiment/bench_*.yaml): bench.json in the run folder.
+            from .bench import evaluate_run, scalar_metrics
+
+            bench = scalar_metrics(evaluate_run(cfg, output_dir, result))
+            for lg in loggers:
+                lg.log_metrics(bench)
     for lg in loggers:
         lg.finalize("success")
     return metrics

@@ -1,0 +1,104 @@
+"""The robustness-per-compute benchmark pipeline (BENCHMARKS.md): configs, time budget, bench.json, summary.
+
+The smoke run is the published pipeline with a tiny budget and a tiny evaluation: a multirun of
+two methods -> bench.json per run -> scripts/summarize_runs.py -> table and PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from robustx.training import MethodConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+FMNIST = ROOT.parent / "shared" / "datasets" / "fashion-mnist"
+sys.path.insert(0, str(ROOT / "scripts"))
+import summarize_runs  # noqa: E402
+
+
+def _compose(overrides):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        return compose("train", overrides=["+experiment=bench_fashion_mnist", *overrides])
+
+
+@pytest.mark.parametrize("method", ["standard", "pgd", "trades", "adv_l2", "robust", "all"])
+def test_bench_experiment_composes_with_every_method(method):
+    cfg = _compose([f"method={method}"])
+    m = MethodConfig.from_dict(OmegaConf.to_container(cfg.method, resolve=True))
+    assert m.name == method
+    # Same architecture for every method; robust/all keep the half-Huber ReLU (part of the method).
+    assert list(cfg.model.channels) == [32, 64, 64] and cfg.model._target_.endswith("SmallCNN")
+    assert m.activation == ("hhrelu" if method in ("robust", "all") else "relu")
+    assert cfg.callbacks.time_budget.budget_minutes == cfg.bench.budget_minutes
+    assert cfg.trainer.min_epochs == 0 and cfg.bench.evaluate and cfg.bench.num_images == 500
+
+
+def test_bench_sweep_keys_compose():
+    assert MethodConfig.from_dict(OmegaConf.to_container(_compose(["method=robust", "method.l_target=0.5"]).method)).l_target == 0.5
+    pgd = MethodConfig.from_dict(OmegaConf.to_container(_compose(["method=pgd", "method.adversarial.eps=0.05"]).method))
+    assert pgd.adversarial.kind == "pgd" and pgd.adversarial.eps == 0.05
+
+
+def test_time_budget_lr_schedule():
+    from callbacks.time_budget import TimeBudget
+
+    tb = TimeBudget(budget_minutes=1.0, lr_milestones=[0.85, 0.975], gamma=0.1)
+    assert tb.lr_factor(0.0) == 1.0 and tb.lr_factor(50.9) == 1.0
+    assert tb.lr_factor(51.0) == pytest.approx(0.1) and tb.lr_factor(58.6) == pytest.approx(0.01)
+    with pytest.raises(ValueError):
+        TimeBudget(budget_minutes=None, lr_milestones=[0.5])
+
+
+def test_pareto_and_target_check():
+    assert summarize_runs.pareto([(0.9, 0.01), (0.8, 0.03), (0.85, 0.005), (0.7, 0.02)]) == [(0.8, 0.03), (0.9, 0.01)]
+    row = lambda fam, acc, btr: {"family": fam, "label": fam, "test_acc": acc, "btr": (btr, btr, btr)}  # noqa: E731
+    rows = [row("pgd", 0.85, 0.02), row("robust", 0.83, 0.031), row("all", 0.80, 0.05)]
+    (line,) = summarize_runs.target_check(rows, ["robust", "all"], "pgd", 1.5, 0.03)
+    assert "1.55x" in line and "**met**" in line
+    rows[1]["btr"] = (0.025,) * 3
+    assert "not met" in summarize_runs.target_check(rows, ["robust", "all"], "pgd", 1.5, 0.03)[0]
+
+
+@pytest.mark.skipif(not FMNIST.is_dir(), reason=f"needs {FMNIST}")
+def test_bench_smoke_multirun_to_summary(tmp_path):
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "ROBUSTX_ROOT": str(tmp_path), "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    env.pop("WANDB_API_KEY", None)
+    args = [
+        "-m", "+experiment=bench_fashion_mnist", "method=standard,robust", "logger=csv", f"data.root={FMNIST}",
+        "data.limit_train=2048", "data.limit_val=128", "data.limit_test=256", "bench.budget_minutes=0.05",
+        "bench.num_images=20", "bench.ara.steps=20", "bench.ara.eps=2", "bench.ara.batch_size=20", "bench.ara.bootstrap=50",
+        "bench.cross_check.steps=20", f"hydra.sweep.dir={sweep}",
+    ]
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    files = sorted(sweep.rglob("bench.json"))
+    assert len(files) == 2
+    for f in files:
+        b = json.loads(f.read_text())
+        t = b["timing"]
+        assert t["stopped_by_budget"] and t["steps"] > 0 and t["seconds_per_step"] > 0 and t["threads"] == 1
+        assert 3.0 <= t["train_seconds"] < 30
+        e = b["eval"]
+        assert e["num_images"] == 20 and len(e["btr"]["r"]) == 20 and len(e["ensemble"]["r"]) == 20
+        assert e["attack"]["ara_ci_low"] <= e["attack"]["ara"] <= e["attack"]["ara_ci_high"]
+        assert set(e["robust_acc"]) == {"0.01", "0.02", "0.05"}
+        assert 0 <= b["test_acc"] <= 1
+    # Same images for every run: the same fixed subset (datamodule seed) of the same size.
+    assert len({(json.loads(f.read_text())["eval"]["ids_seed"], json.loads(f.read_text())["eval"]["num_images"]) for f in files}) == 1
+    out = tmp_path / "summary"
+    assert summarize_runs.main([str(sweep), "--out", str(out), "--reference", str(tmp_path / "missing")]) == 0
+    md = (out / "summary.md").read_text()
+    assert "| standard |" in md and "| robust |" in md and "BTR ARA" in md
+    assert (out / "tradeoff.png").stat().st_size > 10_000
+    assert len(json.loads((out / "rows.json").read_text())["rows"]) == 2
