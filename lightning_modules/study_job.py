@@ -43,8 +43,7 @@ log = logging.getLogger(__name__)
 
 def _settings(cfg: DictConfig) -> dict[str, Any]:
     """All study settings as a plain dict, validated (one-line ValueErrors naming the key)."""
-    s = OmegaConf.to_container(cfg, resolve=True)
-    out = {k: s[k] for k in ("study", "attack", "maps", "manipulation", "faithfulness", "figures")}
+    out = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("study", "attack", "maps", "manipulation", "faithfulness", "figures")}
     st = out["study"]
     bad = [m for m in st["methods"] if m not in METHODS]
     if bad or not st["methods"]:
@@ -183,7 +182,7 @@ def study_checkpoint(path: Path, x: torch.Tensor, y: torch.Tensor, ids: list[int
         "accuracy": n_correct / max(1, x.size(0)), "ids": ids,
     }
     result["invalidation"] = {"summary": summarize_invalidation(records, st["methods"], bootstrap=boot, seed=seed), "records": records}
-    if faith_per:
+    if s["faithfulness"]["enabled"]:
         result["faithfulness"] = {"summary": _summarize_faithfulness(faith_per, boot, seed), "per_image": faith_per,
                                   "targets": "true class on the correctly classified clean images"}
     if fig_parts is not None:
@@ -200,6 +199,8 @@ def study_checkpoint(path: Path, x: torch.Tensor, y: torch.Tensor, ids: list[int
                 title=f"{path.stem}: clean map of the true class vs map of the new class after the minimal attack",
             )
     m = s["manipulation"]
+    if m["enabled"] and not correct_x:
+        result["manipulation"] = {"num_images": 0, "num_correct": 0, "budgets": []}
     if m["enabled"] and correct_x:
         xm, ym = torch.cat(correct_x), torch.cat(correct_y)
         k = xm.size(0) if m["num_images"] is None else min(int(m["num_images"]), xm.size(0))
