@@ -34,6 +34,7 @@ from .attacks import rmse
 __all__ = [
     "spearman",
     "top_mask",
+    "top_weights",
     "top_overlap",
     "energy_in_top",
     "summarize_values",
@@ -90,7 +91,8 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
 def top_mask(m: Tensor, frac: float = 0.2) -> Tensor:
     """The top-``frac`` region of each map -> (B, ...) bool with k = max(1, round(frac * N)) True per example.
 
-    Ties at the threshold are broken by ``torch.topk`` (deterministic for equal inputs).
+    Ties at the threshold are broken by ``torch.topk`` (by position); the metrics use
+    :func:`top_weights`, which does not depend on how ties are broken.
 
     Args:
         m: (B, ...) maps, N values per example.
@@ -104,11 +106,35 @@ def top_mask(m: Tensor, frac: float = 0.2) -> Tensor:
     return mask.view(m.shape)
 
 
+def top_weights(m: Tensor, frac: float = 0.2) -> Tensor:
+    """Membership of each pixel in the top-``frac`` region, ties shared -> (B, N) float64 summing to k per example.
+
+    Pixels above the k-th largest value weigh 1; the pixels tied with it share the remaining
+    places equally (the probability of being picked when ties are broken at random). Sparse
+    maps (Grad-CAM's or LIME's zeros) have large ties at the threshold: breaking them by
+    position would put the same zero pixels in the top region of two unrelated maps and
+    inflate their overlap.
+
+    Args:
+        m: (B, ...) maps, N values per example.
+        frac: share of the values in the top region, in (0, 1].
+    """
+    _check_frac(frac)
+    flat = m.detach().flatten(1).double()  # (B, N)
+    k = max(1, round(frac * flat.size(1)))
+    kth = flat.topk(k, dim=1).values[:, -1:]  # (B, 1)
+    above, tied = flat > kth, flat == kth
+    share = (k - above.sum(1, keepdim=True)).double() / tied.sum(1, keepdim=True).double()  # (B, 1), in (0, 1]
+    return above.double() + tied.double() * share
+
+
 def top_overlap(a: Tensor, b: Tensor, frac: float = 0.2) -> Tensor:
     """Share of a's top-``frac`` pixels that are also among b's -> (B,) float64 in [0, 1].
 
-    |top(a) ∩ top(b)| / |top(a)| with both regions of equal size k = max(1, round(frac * N)):
-    identical maps give 1, disjoint top regions 0, two independent random maps about ``frac``.
+    |top(a) ∩ top(b)| / k with both regions of size k = max(1, round(frac * N)), in
+    expectation over random tie-breaking (:func:`top_weights`): identical maps without ties
+    give 1, disjoint top regions 0, two independent random maps (or a constant map) about
+    ``frac``.
 
     Args:
         a: (B, ...) maps.
@@ -116,15 +142,16 @@ def top_overlap(a: Tensor, b: Tensor, frac: float = 0.2) -> Tensor:
         frac: share of pixels in each top region, in (0, 1].
     """
     fa, fb = _flat_pair(a, b)
-    ta, tb = top_mask(fa, frac), top_mask(fb, frac)
-    return (ta & tb).sum(1).double() / ta.sum(1).clamp(min=1).double()
+    wa, wb = top_weights(fa, frac), top_weights(fb, frac)
+    return (wa * wb).sum(1) / wa.sum(1)
 
 
 def energy_in_top(delta: Tensor, m: Tensor, frac: float = 0.2) -> Tensor:
     """Share of a perturbation's energy sum_c delta^2 inside a map's top-``frac`` region -> (B,) float64.
 
     1: the perturbation lies entirely where the map points; ``frac``: spread evenly over the
-    image; NaN for a zero perturbation.
+    image; NaN for a zero perturbation. Ties at the region's threshold count with their
+    :func:`top_weights` share.
 
     Args:
         delta: (B, C, H, W) perturbation.
@@ -133,9 +160,9 @@ def energy_in_top(delta: Tensor, m: Tensor, frac: float = 0.2) -> Tensor:
     """
     if delta.dim() != 4 or m.dim() != 3 or delta.shape[0] != m.shape[0] or delta.shape[2:] != m.shape[1:]:
         raise ValueError(f"need delta (B, C, H, W) and map (B, H, W) of matching B, H, W, got {tuple(delta.shape)} and {tuple(m.shape)}.")
-    e = delta.detach().double().pow(2).sum(1)  # (B, H, W)
-    inside = (e * top_mask(m, frac)).flatten(1).sum(1)
-    total = e.flatten(1).sum(1)
+    e = delta.detach().double().pow(2).sum(1).flatten(1)  # (B, H*W)
+    inside = (e * top_weights(m, frac)).sum(1)
+    total = e.sum(1)
     return torch.where(total > 0, inside / total.clamp(min=1e-300), torch.full_like(total, math.nan))
 
 

@@ -17,6 +17,7 @@ from robustx.invalidation import (
     summarize_values,
     top_mask,
     top_overlap,
+    top_weights,
 )
 from robustx.models import PreActResNet, SmallCNN
 
@@ -199,3 +200,23 @@ def test_manipulation_attack_errors():
         manipulation_attack(_resnet(), torch.rand(1, 3, 8, 8), torch.zeros(1, dtype=torch.long), budgets=[0.0])
     with pytest.raises(ValueError, match="steps >= 1"):
         manipulation_attack(_resnet(), torch.rand(1, 3, 8, 8), torch.zeros(1, dtype=torch.long), steps=0)
+
+
+def test_ties_at_the_threshold_do_not_inflate_overlap():
+    # Two sparse maps (5 positive pixels each, disjoint) on 100 pixels: the top 20 are 5 positives
+    # plus 15 of 95 tied zeros. Position-based tie-breaking would pick the same zeros in both maps.
+    a = torch.zeros(1, 10, 10)
+    b = torch.zeros(1, 10, 10)
+    a.view(-1)[:5] = 1.0
+    b.view(-1)[-5:] = 1.0
+    expected = 2 * 5 * (15 / 95) / 20 + 90 * (15 / 95) ** 2 / 20  # positives of one in the other's tied share, plus shared zeros
+    assert top_overlap(a, b, 0.2).item() == pytest.approx(expected)
+    assert top_overlap(a, b, 0.2).item() < 0.3
+    w = top_weights(a, 0.2)
+    assert w.sum().item() == pytest.approx(20.0)
+    # a constant map is at chance level against anything
+    assert top_overlap(torch.zeros(1, 10, 10), torch.rand(1, 10, 10), 0.2).item() == pytest.approx(0.2)
+    # energy inside a sparse map's region counts the tied zeros with their share
+    delta = torch.zeros(1, 1, 10, 10)
+    delta.view(-1)[50] = 1.0  # on a tied zero of a
+    assert energy_in_top(delta, a, 0.2).item() == pytest.approx(15 / 95)
