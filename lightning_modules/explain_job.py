@@ -186,6 +186,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     for path, msg in loaded.failures:
         log.error("ImageLoadError: %s", msg)
     label_of = {Path(hydra.utils.to_absolute_path(p)): lab for p, lab in zip(images, label_ids)}
+    given = {Path(hydra.utils.to_absolute_path(p)): p for p in images}  # paths as the user wrote them
     kinds = column_kinds(s["targets"], num_classes)
     name = lambda c: names[c] if names else str(c)  # noqa: E731
     outputs, used = [], set()
@@ -231,15 +232,15 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         ]
         pred = int(res.pred_before[0])
         record = {
-            "image": str(path), "preprocessing": loaded.notes[i], "input_shape": [channels, *size],
-            "checkpoint": str(ckpt), "format": info["format"], "model_config": info.get("model_config"),
+            "image": given.get(path, str(path)), "preprocessing": loaded.notes[i], "input_shape": [channels, *size],
+            "checkpoint": str(cfg.ckpt), "format": info["format"], "model_config": info.get("model_config"),
             "class_names": names if names else [str(c) for c in range(num_classes)],
             "label": label, "label_name": None if label is None else name(label),
             "pred_before": pred, "pred_before_name": name(pred), "probs_before": probs.cpu().tolist(),
             "explained_class": explained, "targets": rows,
             "settings": {**s, "image_size": list(size), "class_names_given": cfg.get("class_names") is not None},
             "seconds": {"total": seconds, "adversarial_explanations": t_ae, "baselines": t_maps, "figure": t_fig},
-            "png": str(png), "versions": {"torch": torch.__version__},
+            "png": png.name, "versions": {"torch": torch.__version__},
         }
         _write_json(out_dir / f"{stem}.json", record)
         t_true = [r for r in rows if r["kind"] == "true"]
