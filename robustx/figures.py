@@ -145,7 +145,10 @@ def explanation_grid(
     ncols = max(1 + k, 1 + len(baselines))
     rows_per_image = 2 if baselines else 1
     nrows = b * rows_per_image
-    fig = Figure(figsize=(ncols * panel_inches, nrows * panel_inches * 1.18 + (0.3 if title else 0.0)))
+    # Vertical layout in inches: panel titles (up to 3 lines) above each row, the figure title above all.
+    top_in = 0.55 + (0.3 if title else 0.0)
+    height = nrows * panel_inches * 1.18 + top_in - 0.35
+    fig = Figure(figsize=(ncols * panel_inches, height))
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.flat:
@@ -187,9 +190,8 @@ def explanation_grid(
             for j in range(1 + len(baselines), ncols):
                 _blank(axes[r, j])
     if title:
-        fig.suptitle(title, fontsize=fontsize + 2)
-    fig.subplots_adjust(left=0.03, right=0.99, bottom=0.01, top=1 - (0.55 if title else 0.35) / (nrows * panel_inches * 1.18),
-                        wspace=0.08, hspace=0.55)
+        fig.suptitle(title, fontsize=fontsize + 2, y=1 - 0.06 / height, va="top")
+    fig.subplots_adjust(left=0.03, right=0.99, bottom=0.01, top=1 - top_in / height, wspace=0.08, hspace=0.55)
     return fig
 
 

@@ -254,7 +254,7 @@ def test_explanation_grid_is_pure_and_written_atomically(tmp_path):
     assert png.read_bytes()[:8] == PNG_MAGIC
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["grid.png"]  # no temporary file left
     with Image.open(png) as im:
-        assert im.size[0] > im.size[1] > 0
+        assert min(im.size) > 100
     # grayscale, no baselines
     fig = explanation_grid(x[:, :1], ae[:, :, :1], t, pb, pa)
     assert len(fig.axes) == b * (1 + k)
