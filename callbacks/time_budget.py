@@ -65,6 +65,8 @@ class TimeBudget(pl.Callback):
         self._t_batch = 0.0
         self._base_lrs: list[list[float]] = []
         self.stopped_by_budget = False
+        self.lr_changes: list[dict[str, float]] = []  # when the time schedule changed the lr
+        self._factor = 1.0
 
     def elapsed(self) -> float:
         return 0.0 if self.start is None else time.perf_counter() - self.start
@@ -88,6 +90,10 @@ class TimeBudget(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.milestones:
             f = self.lr_factor(self.elapsed())
+            if f != self._factor:
+                self._factor = f
+                self.lr_changes.append({"step": self.steps, "seconds": self.elapsed(), "factor": f})
+                log.info("time budget: lr x%g from step %d (%.1f s)", f, self.steps, self.elapsed())
             for opt, bases in zip(trainer.optimizers, self._base_lrs):
                 for g, base in zip(opt.param_groups, bases):
                     g["lr"] = base * f
@@ -111,6 +117,7 @@ class TimeBudget(pl.Callback):
             "epochs": self.steps / trainer.num_training_batches if 0 < trainer.num_training_batches < float("inf") else None,
             "stopped_by_budget": self.stopped_by_budget,
             "lr_milestones": self.milestones,
+            "lr_changes": self.lr_changes,
             "threads": torch.get_num_threads(),
         }
 

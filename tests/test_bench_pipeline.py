@@ -75,7 +75,7 @@ def test_bench_smoke_multirun_to_summary(tmp_path):
     env.pop("WANDB_API_KEY", None)
     args = [
         "-m", "+experiment=bench_fashion_mnist", "method=standard,robust", "logger=csv", f"data.root={FMNIST}",
-        "data.limit_train=2048", "data.limit_val=128", "data.limit_test=256", "bench.budget_minutes=0.05",
+        "data.limit_train=2048", "data.limit_val=128", "data.limit_test=256", "bench.budget_minutes=0.1", "callbacks.time_budget.lr_milestones=[0.5]",
         "bench.num_images=20", "bench.ara.steps=20", "bench.ara.eps=2", "bench.ara.batch_size=20", "bench.ara.bootstrap=50",
         "bench.cross_check.steps=20", f"hydra.sweep.dir={sweep}",
     ]
@@ -88,7 +88,9 @@ def test_bench_smoke_multirun_to_summary(tmp_path):
         b = json.loads(f.read_text())
         t = b["timing"]
         assert t["stopped_by_budget"] and t["steps"] > 0 and t["seconds_per_step"] > 0 and t["threads"] == 1
-        assert 3.0 <= t["train_seconds"] < 30
+        assert 6.0 <= t["train_seconds"] < 40
+        assert [c["factor"] for c in t["lr_changes"]] == pytest.approx([0.1])  # the time-based schedule ran
+        assert 2.9 < t["lr_changes"][0]["seconds"] < 6.0
         e = b["eval"]
         assert e["num_images"] == 20 and len(e["btr"]["r"]) == 20 and len(e["ensemble"]["r"]) == 20
         assert e["attack"]["ara_ci_low"] <= e["attack"]["ara"] <= e["attack"]["ara_ci_high"]
