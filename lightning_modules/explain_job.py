@@ -183,10 +183,10 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(hydra.utils.to_absolute_path(str(cfg.out_dir))) if cfg.get("out_dir") else Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded = load_images([hydra.utils.to_absolute_path(p) for p in images], channels=channels, size=size)
-    for path, msg in loaded.failures:
-        log.error("ImageLoadError: %s", msg)
     label_of = {Path(hydra.utils.to_absolute_path(p)): lab for p, lab in zip(images, label_ids)}
     given = {Path(hydra.utils.to_absolute_path(p)): p for p in images}  # paths as the user wrote them
+    for path, msg in loaded.failures:
+        log.error("ImageLoadError: %s", msg.replace(str(path), given.get(path, str(path))))
     kinds = column_kinds(s["targets"], num_classes)
     name = lambda c: names[c] if names else str(c)  # noqa: E731
     outputs, used = [], set()
@@ -255,4 +255,4 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     if loaded.failures:
         log.error("%d of %d image(s) could not be read (see the errors above); the others were explained.",
                   len(loaded.failures), len(images))
-    return {"outputs": outputs, "failures": [(str(p), m) for p, m in loaded.failures], "out_dir": str(out_dir)}
+    return {"outputs": outputs, "failures": [(given.get(p, str(p)), m) for p, m in loaded.failures], "out_dir": str(out_dir)}
