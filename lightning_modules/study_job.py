@@ -156,7 +156,8 @@ def study_checkpoint(path: Path, x: torch.Tensor, y: torch.Tensor, ids: list[int
             model, xb, yb, methods=st["methods"], attack_steps=int(a["steps"]), attack_eps=float(a["eps"]),
             attack_momentum=float(a["momentum"]), attack_clip=bool(a["clip"]),
             autocast_dtype=torch.bfloat16 if a["bf16"] else None, frac=float(st["frac"]), map_options=mo,
-            compare_original_class=bool(st["compare_original_class"]), ids=ids[start : start + bs], bootstrap=0,
+            compare_original_class=bool(st["compare_original_class"]), noise_control=bool(st["noise_control"]),
+            noise_seed=seed + start, ids=ids[start : start + bs], bootstrap=0,
             keep_tensors=True, progress=lambda label: clock(f"invalidation: {label}"),
         )
         records += res["records"]
@@ -258,6 +259,8 @@ _METRIC_TEXT = {
     "energy_in_top": "share of ||delta||^2 inside top-20% of M(x, y)",
     "spearman_orig_class": "Spearman(M(x', y), M(x, y))",
     "top_overlap_orig_class": "top-20% overlap(M(x', y), M(x, y))",
+    "spearman_noise": "noise control: Spearman(M(x + n, y), M(x, y)), Gaussian n with RMSE(n) = RMSE(delta)",
+    "top_overlap_noise": "noise control: top-20% overlap(M(x + n, y), M(x, y))",
 }
 
 
@@ -276,10 +279,13 @@ def write_tables(results: list[dict[str, Any]], out_dir: Path, settings: dict[st
         ["images / correct / changed", *[f"{r['num_images']} / {r['num_correct']} / {r['invalidation']['summary']['n_changed']}" for r in results]],
         ["perturbation RMSE r (mean [CI])", *[_fmt(r["invalidation"]["summary"]["r"], 4) for r in results]],
         ["median r", *[f"{r['invalidation']['summary']['r']['median']:.4f}" for r in results]],
+        *([["noise control: share of images whose prediction survives Gaussian noise of RMSE r",
+            *[f"{r['invalidation']['summary'].get('noise_keeps_prediction', float('nan')):.2f}" for r in results]]]
+          if any("noise_keeps_prediction" in r["invalidation"]["summary"] for r in results) else []),
     ]))
     csv_rows = []
     for k in metrics:
-        md.append(f"\n**{k}**: {_METRIC_TEXT.get(k, k)}" + (f" (chance level {frac:g} for independent maps / an even perturbation)" if k in ("top_overlap", "energy_in_top", "top_overlap_orig_class") else "") + "\n")
+        md.append(f"\n**{k}**: {_METRIC_TEXT.get(k, k)}" + (f" (chance level {frac:g} for independent maps / an even perturbation)" if k in ("top_overlap", "energy_in_top", "top_overlap_orig_class", "top_overlap_noise") else "") + "\n")
         rows = []
         for m in methods:
             stats = [r["invalidation"]["summary"]["methods"][m].get(k) for r in results]

@@ -50,7 +50,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Per-method metrics of :func:`invalidation_study` (see its docstring).
-INVALIDATION_METRICS = ("spearman", "top_overlap", "energy_in_top", "spearman_orig_class", "top_overlap_orig_class")
+INVALIDATION_METRICS = ("spearman", "top_overlap", "energy_in_top", "spearman_orig_class", "top_overlap_orig_class",
+                        "spearman_noise", "top_overlap_noise")
 
 
 def _flat_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -213,6 +214,8 @@ def invalidation_study(
     frac: float = 0.2,
     map_options: Mapping[str, Any] | None = None,
     compare_original_class: bool = True,
+    noise_control: bool = False,
+    noise_seed: int = 0,
     ids: Sequence[int] | None = None,
     bootstrap: int = 1000,
     keep_tensors: bool = False,
@@ -231,6 +234,11 @@ def invalidation_study(
       perturbation spread evenly.)
     * ``spearman_orig_class``, ``top_overlap_orig_class`` (with ``compare_original_class``):
       M(x', y) against M(x, y), the original class's map after the attack.
+    * ``spearman_noise``, ``top_overlap_noise`` (with ``noise_control``): M(x + n, y) against
+      M(x, y) for Gaussian noise n of the same RMSE as delta (clipped to [0, 1]): how much the
+      map moves under a perturbation of that size that is not adversarial. The noise floor of
+      the two similarity metrics: a map that changes as little after the attack as after noise
+      has not registered the change of decision.
 
     Images misclassified clean are left out (no attack is needed). Images on which the search
     found no flip are recorded with ``changed = False`` and left out of the summary.
@@ -250,6 +258,8 @@ def invalidation_study(
         map_options: keyword arguments for :func:`robustx.attribution.attribution_maps`
             (rho, ae_steps, ig_steps, smoothgrad_samples, lime_samples, layer, ...).
         compare_original_class: also compute the ``*_orig_class`` metrics (one more map per method).
+        noise_control: also compute the ``*_noise`` metrics (one more map per method);
+            ``noise_seed`` seeds the noise.
         ids: (B,) dataset indices recorded with each image (default 0..B-1).
         bootstrap: resamples for the summary's CIs.
         keep_tensors: also return ``tensors`` (clean and adversarial images, maps) for figures.
@@ -288,6 +298,13 @@ def invalidation_study(
             pred_adv = model(adv).float().argmax(1)
         changed = pred_adv != y
         delta = adv - x
+        if noise_control:
+            g = torch.Generator().manual_seed(noise_seed)
+            n = torch.randn(x.shape, generator=g).to(x)
+            n = n * (res.r.to(x) / rmse(n).clamp(min=1e-12)).view(-1, 1, 1, 1)  # same RMSE as each delta
+            noisy = (x + n).clamp(0, 1)
+            with torch.no_grad():
+                noise_same = model(noisy).float().argmax(1) == y
         if progress is not None:
             progress("minimal perturbation")
         per: dict[str, dict[str, Tensor]] = {}
@@ -301,6 +318,10 @@ def invalidation_study(
                 same = attribution_maps(model, adv, y, method=m, **opts)
                 vals["spearman_orig_class"] = spearman(same, clean)
                 vals["top_overlap_orig_class"] = top_overlap(same, clean, frac)
+            if noise_control:
+                moved = attribution_maps(model, noisy, y, method=m, **opts)
+                vals["spearman_noise"] = spearman(moved, clean)
+                vals["top_overlap_noise"] = top_overlap(moved, clean, frac)
             per[m] = {k: v.cpu() for k, v in vals.items()}
             maps_clean[m], maps_adv[m] = clean.cpu(), after.cpu()
             if progress is not None:
@@ -309,6 +330,7 @@ def invalidation_study(
             records.append({
                 "id": i, "label": int(y[j]), "pred_adv": int(pred_adv[j]), "r": float(res.r[j]), "found": bool(res.found[j]),
                 "rechecked": bool(res.rechecked[j]), "changed": bool(changed[j]),
+                **({"noise_keeps_prediction": bool(noise_same[j])} if noise_control else {}),
                 "metrics": {m: {k: _nan_list(v[j : j + 1])[0] for k, v in per[m].items()} for m in methods},
             })
         if keep_tensors:
@@ -335,6 +357,9 @@ def summarize_invalidation(records: Sequence[Mapping[str, Any]], methods: Sequen
     nanv = lambda v: math.nan if v is None else v  # noqa: E731
     out: dict[str, Any] = {"n_correct": len(records), "n_changed": len(used),
                            "r": summarize_values([r["r"] for r in used], bootstrap=bootstrap, seed=seed), "methods": {}}
+    kept = [r["noise_keeps_prediction"] for r in used if "noise_keeps_prediction" in r]
+    if kept:
+        out["noise_keeps_prediction"] = sum(kept) / len(kept)
     for m in methods:
         keys = sorted({k for r in used for k in r["metrics"].get(m, {})}, key=lambda k: (k not in INVALIDATION_METRICS, k))
         out["methods"][m] = {

@@ -114,7 +114,8 @@ def test_invalidation_study_records_really_change_the_prediction():
         y = model(x).argmax(1)  # every image "correct"
     y[0] = (y[0] + 1) % 10  # one misclassified image: left out
     out = invalidation_study(model, x, y, methods=["gradcam", "saliency", "ae"], attack_steps=40, attack_eps=2.0,
-                             map_options={"ae_steps": 3}, bootstrap=50, keep_tensors=True, ids=list(range(10, 16)))
+                             map_options={"ae_steps": 3}, bootstrap=50, keep_tensors=True, ids=list(range(10, 16)),
+                             noise_control=True)
     assert out["num_images"] == 6 and out["num_correct"] == 5
     recs = out["records"]
     assert [r["id"] for r in recs] == [11, 12, 13, 14, 15]
@@ -131,12 +132,14 @@ def test_invalidation_study_records_really_change_the_prediction():
             assert r["r"] == pytest.approx(float((adv[j] - t["clean"][j]).pow(2).mean().sqrt()), rel=1e-3)
         for m in ("gradcam", "saliency", "ae"):
             met = r["metrics"][m]
-            assert set(met) == {"spearman", "top_overlap", "energy_in_top", "spearman_orig_class", "top_overlap_orig_class"}
+            assert set(met) == {"spearman", "top_overlap", "energy_in_top", "spearman_orig_class", "top_overlap_orig_class",
+                                "spearman_noise", "top_overlap_noise"}
             for v in met.values():
                 assert v is None or -1 - 1e-9 <= v <= 1 + 1e-9
     assert t["maps_clean"]["gradcam"].shape == (5, 16, 16)
     s = out["summary"]
     assert s["n_changed"] == sum(r["changed"] for r in recs)
+    assert 0.0 <= s["noise_keeps_prediction"] <= 1.0
     assert s["methods"]["saliency"]["spearman"]["n"] + s["methods"]["saliency"]["spearman"]["n_undefined"] == s["n_changed"]
     again = summarize_invalidation(recs, ["saliency"], bootstrap=50)
     assert again["methods"]["saliency"]["top_overlap"]["mean"] == pytest.approx(s["methods"]["saliency"]["top_overlap"]["mean"])
