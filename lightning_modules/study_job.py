@@ -277,6 +277,8 @@ def write_tables(results: list[dict[str, Any]], out_dir: Path, settings: dict[st
           "Means over the images whose prediction changed, with 95% bootstrap CIs.\n"]
     md.append(_md_table(["", *nets], [
         ["images / correct / changed", *[f"{r['num_images']} / {r['num_correct']} / {r['invalidation']['summary']['n_changed']}" for r in results]],
+        ["found by the search but not flipped in the fp32 re-check (left out)",
+         *[str(r["invalidation"]["summary"].get("n_found_not_rechecked", "n/a")) for r in results]],
         ["perturbation RMSE r (mean [CI])", *[_fmt(r["invalidation"]["summary"]["r"], 4) for r in results]],
         ["median r", *[f"{r['invalidation']['summary']['r']['median']:.4f}" for r in results]],
         *([["noise control: share of images whose prediction survives Gaussian noise of RMSE r",

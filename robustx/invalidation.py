@@ -297,6 +297,11 @@ def invalidation_study(
         with torch.no_grad():
             pred_adv = model(adv).float().argmax(1)
         changed = pred_adv != y
+        lost = int((res.found & ~res.rechecked).sum())
+        if lost:
+            log.warning("%d of %d perturbations found by the search no longer change the prediction in the full-precision "
+                        "re-check and are left out; run the search in full precision (autocast_dtype=None, study: "
+                        "attack.bf16=false) to keep them.", lost, x.size(0))
         delta = adv - x
         if noise_control:
             g = torch.Generator().manual_seed(noise_seed)
@@ -356,6 +361,7 @@ def summarize_invalidation(records: Sequence[Mapping[str, Any]], methods: Sequen
     used = [r for r in records if r["changed"]]
     nanv = lambda v: math.nan if v is None else v  # noqa: E731
     out: dict[str, Any] = {"n_correct": len(records), "n_changed": len(used),
+                           "n_found_not_rechecked": sum(1 for r in records if r["found"] and not r["rechecked"]),
                            "r": summarize_values([r["r"] for r in used], bootstrap=bootstrap, seed=seed), "methods": {}}
     kept = [r["noise_keeps_prediction"] for r in used if "noise_keeps_prediction" in r]
     if kept:
