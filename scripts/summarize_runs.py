@@ -218,10 +218,10 @@ def markdown(rows: list[dict], refs: list[dict], checks: list[str], eps_keys: li
                 _fmt_ara(r["ensemble"]), *[_fmt(r["robust_acc"].get(e), 3) for e in eps_keys],
                 _fmt(r["train_seconds"], 0), str(r["steps"] or ""), _fmt(r["epochs"], 2), _fmt(r["seconds_per_step"], 3),
                 _fmt(rel, 2)]) + " |")
-        warn = [(r["label"], w) for r in rows for w in r["warnings"]]
+        warn = [(r["label"], r["warnings"]) for r in rows if r["warnings"]]
         if warn:
-            out.append("\nWarnings from the evaluation:\n")
-            out.extend(f"- {lab}: {w}" for lab, w in warn)
+            out.append("\nWarnings from the evaluation (per run):\n")
+            out.extend(f"- {lab}: " + " ".join(ws) for lab, ws in warn)
     if checks:
         out.append("\nTarget check (BTR ARA of the best robust/all run within 3 accuracy points, against each PGD-AT run):\n")
         out.extend(checks)
@@ -241,7 +241,7 @@ def plot(rows: list[dict], png: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("btr", "BTR ARA (paper search)"), ("ensemble", "Attack ARA (ensemble: paper + independent)")]
+    panels = [("btr", "BTR ARA (paper's attack engine)"), ("ensemble", "Attack ARA (ensemble: paper engine + independent)")]
     panels = [p for p in panels if any(r[p[0]] for r in rows)] or [("attack", "Attack ARA")]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
     for ax, (key, name) in zip(axes[0], panels):
