@@ -243,7 +243,9 @@ def plot_curves(results: list[dict[str, Any]], png: Path, modes: list[str]) -> N
             radii, acc = ara_curve(torch.tensor(res[mode]["r"]))
             ax.step(radii.numpy(), acc.numpy(), where="post", label=f"{Path(res['checkpoint']).stem} (ARA {res[mode]['ara']:.4f})")
         ax.axhline(1.0 / res["num_classes"], color="gray", ls=":", lw=1, label="chance")
-        ax.set_xscale("symlog", linthresh=1e-3)
+        # symlog keeps r = 0 (images already failing) on the axis; r is never negative.
+        ax.set_xscale("symlog", linthresh=1e-4, linscale=0.3)
+        ax.set_xlim(left=0)
         ax.set_xlabel("perturbation RMSE r")
         ax.set_ylabel("fraction of images with r_i > r")
         ax.set_title(titles[mode])
