@@ -3,29 +3,20 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import hydra
 from omegaconf import DictConfig
-from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 log = logging.getLogger("explain")
-
-USER_ERRORS = (ValueError, FileNotFoundError, MissingMandatoryValue, InterpolationResolutionError)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="explain")
 def main(cfg: DictConfig) -> None:
     from lightning_modules.explain_job import explain
+    from lightning_modules.cli import run_job
 
-    try:
-        result = explain(cfg)
-    except USER_ERRORS as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        log.error("%s: %s", type(err).__name__, err)
-        sys.exit(2)
+    result = run_job(explain, cfg, log)
     if result["failures"]:
         sys.exit(2)  # each bad file was logged; the good ones have their outputs
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 import robustx
 from robustx.ara import PROTOCOLS, ara_curve, evaluate_batch, summarize
 
-from .loading import load_classifier
+from .loading import checkpoint_paths, load_classifier
 
 log = logging.getLogger(__name__)
 
@@ -258,11 +258,7 @@ def plot_curves(results: list[dict[str, Any]], png: Path, modes: list[str]) -> N
 
 
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
-    ckpts = cfg.ckpt if OmegaConf.is_list(cfg.ckpt) else [cfg.ckpt]
-    paths = [Path(hydra.utils.to_absolute_path(str(c))) for c in ckpts]
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"ckpt '{p}' does not exist; pass a .ckpt, .safetensors or an authors' .pt file.")
+    paths = checkpoint_paths(cfg.ckpt)
     settings = _settings(cfg)
     if cfg.ara.get("threads"):
         torch.set_num_threads(int(cfg.ara.threads))

@@ -48,3 +48,23 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         model.load_state_dict(state, strict=True)
         return model.eval(), {"format": "lightning", "model_config": ckpt["model_config"], "epoch": ckpt.get("epoch")}
     raise CheckpointError(f"unknown checkpoint format '{suffix}' for '{path}'; use .ckpt, .safetensors or an authors' .pt.")
+
+
+def checkpoint_paths(ckpt: Any) -> list[Path]:
+    """A ``ckpt=`` config value (one path or a list) -> absolute, existing checkpoint paths.
+
+    Raises:
+        FileNotFoundError: a path does not exist.
+        ValueError: the list is empty.
+    """
+    import hydra
+    from omegaconf import OmegaConf
+
+    ckpts = list(ckpt) if OmegaConf.is_list(ckpt) else [ckpt]
+    paths = [Path(hydra.utils.to_absolute_path(str(c))) for c in ckpts]
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"ckpt '{p}' does not exist; pass a .ckpt, .safetensors or an authors' .pt file.")
+    if not paths:
+        raise ValueError("ckpt is an empty list; pass one or more checkpoint paths, e.g. 'ckpt=[a.pt,b.pt]'.")
+    return paths

@@ -36,7 +36,7 @@ from robustx.invalidation import (
     summarize_values,
 )
 
-from .loading import load_classifier
+from .loading import checkpoint_paths, load_classifier
 
 log = logging.getLogger(__name__)
 
@@ -359,13 +359,7 @@ def run_study(cfg: DictConfig) -> list[dict[str, Any]]:
     """The study for every checkpoint in ``cfg.ckpt``; outputs go to the run directory (``paths.output_dir``)."""
     from robustx.study_figures import manipulation_plot
 
-    ckpts = cfg.ckpt if OmegaConf.is_list(cfg.ckpt) else [cfg.ckpt]
-    paths = [Path(hydra.utils.to_absolute_path(str(c))) for c in ckpts]
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"ckpt '{p}' does not exist; pass a .ckpt, .safetensors or an authors' .pt file.")
-    if not paths:
-        raise ValueError("ckpt is an empty list; pass one or more checkpoint paths, e.g. 'ckpt=[a.pt,b.pt]'.")
+    paths = checkpoint_paths(cfg.ckpt)
     settings = _settings(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
