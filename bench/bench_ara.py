@@ -4,7 +4,10 @@
 
 The yardstick is a straightforward fp32 eager implementation of the algorithm kept in this file;
 the project's paths are robustx.ara.minimal_perturbation in fp32, with bf16 autocast, and with
-bf16 + channels_last, and the "fast" protocol (T=112, path 2, bisection 10; fp32 and bf16) whose r_i
+bf16 + channels_last, each also with ``compile=True`` (torch.compile; its compilation, timed by a
+2-step warm-up call on the same batch, is reported in its own column and not in the search's
+seconds), bf16 rows also with 10 fp32 bisection steps ("refine 10") that move each found
+perturbation to the fp32 criterion boundary, and the "fast" protocol (T=112, path 2, bisection 10; fp32 and bf16) whose r_i
 and ARAs are compared with the paper-protocol yardstick. For each path: image-steps per second, speed-up over the yardstick,
 the median relative difference of r_i to the fp32 yardstick, and both ARAs. Images: the
 CIFAR-10 JPEG test split when ../shared is there, else random images.
@@ -26,15 +29,20 @@ from robustx.models import resnet44
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: name -> (autocast dtype, channels_last, protocol or None for the command line's steps/eps/momentum).
+#: name -> (autocast dtype, channels_last, protocol or None for the command line's steps/eps/momentum,
+#: torch.compile, bisection steps).
 #: The "fast" rows run PROTOCOLS["fast"] (T=112, path 2, bisection 10: about 4x fewer gradient
 #: evaluations, not in the paper) and are compared with the paper-protocol yardstick.
 PATHS = {
-    "robustx fp32": (None, False, None),
-    "robustx bf16": (torch.bfloat16, False, None),
-    "robustx bf16 + channels_last": (torch.bfloat16, True, None),
-    "robustx fast fp32": (None, False, "fast"),
-    "robustx fast bf16": (torch.bfloat16, False, "fast"),
+    "robustx fp32": (None, False, None, False, 0),
+    "robustx bf16": (torch.bfloat16, False, None, False, 0),
+    "robustx bf16 + channels_last": (torch.bfloat16, True, None, False, 0),
+    "robustx bf16 + channels_last + refine 10": (torch.bfloat16, True, None, False, 10),
+    "robustx fp32 + compile": (None, False, None, True, 0),
+    "robustx bf16 + channels_last + compile": (torch.bfloat16, True, None, True, 0),
+    "robustx bf16 + channels_last + compile + refine 10": (torch.bfloat16, True, None, True, 10),
+    "robustx fast fp32": (None, False, "fast", False, None),
+    "robustx fast bf16": (torch.bfloat16, False, "fast", False, None),
 }
 
 
@@ -104,27 +112,36 @@ def main() -> None:
     kw = dict(steps=args.steps, eps=args.eps, momentum=args.momentum)
     print(f"# ARA search, resnet44 ({Path(args.ckpt).name if Path(args.ckpt).is_file() else 'random init'}), "
           f"{args.images} images, {args.steps} steps, {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}")
-    print("| path | mode | s | image-steps/s | x yardstick | median rel. diff r vs fp32 | ARA | ARA rel. diff |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| path | mode | s | image-steps/s | x yardstick | median rel. diff r vs fp32 | ARA | ARA rel. diff | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for mode in args.modes:
         t0 = time.perf_counter()
         r_ref = yardstick(model, x, y, mode=mode, **kw)
         base = time.perf_counter() - t0
         r_ref = torch.where(torch.isfinite(r_ref), r_ref, torch.zeros_like(r_ref))
         ara_ref = ara_exact(r_ref, 10)
-        print(f"| yardstick fp32 loop | {mode} | {base:.1f} | {args.images * args.steps / base:.1f} | 1.00 | - | {ara_ref:.5f} | - |")
+        print(f"| yardstick fp32 loop | {mode} | {base:.1f} | {args.images * args.steps / base:.1f} | 1.00 | - | {ara_ref:.5f} | - | - |",
+              flush=True)
         for name in args.paths:
-            dtype, cl, proto = PATHS[name]
+            dtype, cl, proto, comp, refine = PATHS[name]
             pkw = dict(kw) if proto is None else {k: v for k, v in PROTOCOLS[proto].items()}
+            if refine is not None:
+                pkw["refine"] = refine
             m = model.to(memory_format=torch.channels_last) if cl else model.to(memory_format=torch.contiguous_format)
             xi = x.contiguous(memory_format=torch.channels_last) if cl else x.contiguous()
+            warm = "-"
+            if comp:
+                t0 = time.perf_counter()
+                minimal_perturbation(m, xi, y, mode=mode, autocast_dtype=dtype, compile=True, **{**pkw, "steps": 2})
+                warm = f"{time.perf_counter() - t0:.1f}"
             t0 = time.perf_counter()
-            res = minimal_perturbation(m, xi, y, mode=mode, autocast_dtype=dtype, **pkw)
+            res = minimal_perturbation(m, xi, y, mode=mode, autocast_dtype=dtype, compile=comp, **pkw)
             sec = time.perf_counter() - t0
             both = (r_ref > 0) & (res.r > 0)
             rel = ((res.r - r_ref).abs() / r_ref.clamp(min=1e-12))[both].median().item() if both.any() else 0.0
             ara = ara_exact(res.r, 10)
-            print(f"| {name} | {mode} | {sec:.1f} | {args.images * pkw['steps'] / sec:.1f} | {base / sec:.2f} | {rel:.4f} | {ara:.5f} | {abs(ara - ara_ref) / max(ara_ref, 1e-12):.4f} |")
+            print(f"| {name} | {mode} | {sec:.1f} | {args.images * pkw['steps'] / sec:.1f} | {base / sec:.2f} | {rel:.4f} | {ara:.5f} | {abs(ara - ara_ref) / max(ara_ref, 1e-12):.4f} | {warm} |",
+                  flush=True)
         model = model.to(memory_format=torch.contiguous_format)
 
 

@@ -15,9 +15,12 @@ the target, input gradient, L2 rule - follow -grad while RMSE < rho else pull ba
 * ``yardstick per pair``: the same loop run for one (image, target) pair at a time.
 
 Project paths: ``robustx.explanations.adversarial_explanations`` with fp32 / bf16 autocast, each
-with and without channels_last. Each timing is the median of ``--repeats`` runs after
-``--warmup`` runs. For each path: seconds, speed-up over both yardsticks, the RMSE between its
-AEs and the batched fp32 yardstick's (per pair: max), and max |prob_after difference|.
+with and without channels_last, and with ``compile=True`` (torch.compile; its first call, which
+compiles, is reported in its own column). The project explains a pair requested twice (true and
+second are also among "all") once, so it runs 10 rows where the yardstick runs 12. Each timing
+is the median of ``--repeats`` runs after ``--warmup`` runs. For each path: seconds, speed-up
+over both yardsticks, the RMSE between its AEs and the batched fp32 yardstick's (per pair:
+max), max |prob_after difference| and the seconds of the first (warm-up) call.
 Writes ``bench/results_explain.md`` and ``bench/results_explain.json``.
 """
 
@@ -107,14 +110,19 @@ def load(args):
 
 
 def timed(fn, warmup: int, repeats: int):
-    for _ in range(warmup):
+    """(median seconds, all timed seconds, last output, seconds of the first warm-up call or None)."""
+    first = None
+    for i in range(warmup):
+        t0 = time.perf_counter()
         out = fn()
+        if i == 0:
+            first = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), times, out
+    return statistics.median(times), times, out, first
 
 
 def main() -> None:
@@ -126,6 +134,7 @@ def main() -> None:
     ap.add_argument("--overshoot", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, i.e. all cores)")
     ap.add_argument("--ckpt", default=str(ROOT.parent / "shared" / "reference-checkpoints" / "resnet44-robust.pt"))
+    ap.add_argument("--paths", nargs="+", default=None, help="project paths to time (default: all)")
     ap.add_argument("--no-per-pair", action="store_true", help="skip the one-pair-at-a-time yardstick")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results_explain"), help="writes OUT.md and OUT.json")
     args = ap.parse_args()
@@ -138,11 +147,18 @@ def main() -> None:
     model, model_name, x_all, y_all, data = load(args)
     kw = dict(rho=args.rho, steps=args.steps, overshoot=args.overshoot)
     paths = [
-        ("robustx fp32", None, False),
-        ("robustx fp32 + channels_last", None, True),
-        ("robustx bf16", torch.bfloat16, False),
-        ("robustx bf16 + channels_last", torch.bfloat16, True),
+        ("robustx fp32", None, False, False),
+        ("robustx fp32 + channels_last", None, True, False),
+        ("robustx bf16", torch.bfloat16, False, False),
+        ("robustx bf16 + channels_last", torch.bfloat16, True, False),
+        ("robustx fp32 + compile", None, False, True),
+        ("robustx bf16 + channels_last + compile", torch.bfloat16, True, True),
     ]
+    if args.paths:
+        unknown = set(args.paths) - {p[0] for p in paths}
+        if unknown:
+            raise SystemExit(f"unknown --paths {sorted(unknown)}; choose from {[p[0] for p in paths]}")
+        paths = [p for p in paths if p[0] in args.paths]
     workloads = [
         ("1 image x 12 targets", x_all[:1], y_all[:1], ["true", "second", "all"], "true,second,all"),
         ("10 images x true", x_all, y_all, "true", "true"),
@@ -154,45 +170,48 @@ def main() -> None:
     )
     rows, records = [], []
     print(header, flush=True)
-    cols = "| workload | path | s | x yardstick batched | x yardstick per pair | max RMSE(AE - fp32 AE) | max abs prob_after diff |"
-    print(cols + "\n|---|---|---|---|---|---|---|", flush=True)
+    cols = "| workload | path | s | x yardstick batched | x yardstick per pair | max RMSE(AE - fp32 AE) | max abs prob_after diff | first call s |"
+    print(cols + "\n|---|---|---|---|---|---|---|---|", flush=True)
     for wname, x, y, spec, yspec in workloads:
         t = yardstick_targets(model, x, y, yspec)  # (B, K)
         b, k = t.shape
         x_rep = x.repeat_interleave(k, 0)  # (B*K, C, H, W)
         t_rep = t.reshape(-1)  # (B*K,)
-        base, base_times, ref = timed(lambda: yardstick(model, x_rep, t_rep, **kw), args.warmup, args.repeats)
+        base, base_times, ref, base_first = timed(lambda: yardstick(model, x_rep, t_rep, **kw), args.warmup, args.repeats)
         with torch.no_grad():
             p_ref = model(ref).softmax(1).gather(1, t_rep[:, None])[:, 0]  # (B*K,)
         per_pair = None
         if not args.no_per_pair:
-            per_pair, pp_times, pp = timed(
+            per_pair, pp_times, pp, pp_first = timed(
                 lambda: torch.cat([yardstick(model, x_rep[i : i + 1], t_rep[i : i + 1], **kw) for i in range(b * k)]),
                 min(args.warmup, 1), max(1, min(args.repeats, 3)),
             )
-        entries = [("yardstick batched (fp32 loop)", base, base_times, ref, p_ref)]
+        entries = [("yardstick batched (fp32 loop)", base, base_times, ref, p_ref, base_first)]
         if per_pair is not None:
             with torch.no_grad():
                 p_pp = model(pp).softmax(1).gather(1, t_rep[:, None])[:, 0]
-            entries.append(("yardstick per pair (fp32 loop)", per_pair, pp_times, pp, p_pp))
-        for name, dtype, cl in paths:
-            sec, times, res = timed(
-                lambda: adversarial_explanations(model, x, y, targets=spec, autocast_dtype=dtype, channels_last=cl, **kw),
+            entries.append(("yardstick per pair (fp32 loop)", per_pair, pp_times, pp, p_pp, pp_first))
+        for name, dtype, cl, comp in paths:
+            sec, times, res, first = timed(
+                lambda: adversarial_explanations(
+                    model, x, y, targets=spec, autocast_dtype=dtype, channels_last=cl, compile=comp, **kw
+                ),
                 args.warmup, args.repeats,
             )
             assert torch.equal(res.targets, t), "robustx and the yardstick disagree on the targets"
-            entries.append((name, sec, times, res.images.flatten(0, 1), res.prob_after.flatten()))
-        for name, sec, times, ae, p in entries:
+            entries.append((name, sec, times, res.images.flatten(0, 1), res.prob_after.flatten(), first))
+        for name, sec, times, ae, p, first in entries:
             err = float(_rmse(ae - ref).max())
             dp = float((p - p_ref).abs().max())
             rec = {
                 "workload": wname, "path": name, "seconds": sec, "times": times, "pairs": b * k,
                 "speedup_vs_batched": base / sec, "speedup_vs_per_pair": (per_pair / sec) if per_pair else None,
-                "max_rmse_vs_fp32": err, "max_abs_prob_after_diff": dp,
+                "max_rmse_vs_fp32": err, "max_abs_prob_after_diff": dp, "first_call_seconds": first,
             }
             records.append(rec)
             sp = f"{per_pair / sec:.2f}" if per_pair else "-"
-            row = f"| {wname} | {name} | {sec:.3f} | {base / sec:.2f} | {sp} | {err:.2e} | {dp:.2e} |"
+            fc = f"{first:.1f}" if first is not None else "-"
+            row = f"| {wname} | {name} | {sec:.3f} | {base / sec:.2f} | {sp} | {err:.2e} | {dp:.2e} | {fc} |"
             rows.append(row)
             print(row, flush=True)
 
@@ -214,7 +233,7 @@ def main() -> None:
     md = [
         header, "", f"Command: `{command}`", "",
         f"Load average (1/5/15 min) at start: {' '.join(load_start)}; at end: {' '.join(load_end)}.", "",
-        cols, "|---|---|---|---|---|---|---|", *rows, "", summary, "",
+        cols, "|---|---|---|---|---|---|---|---|", *rows, "", summary, "",
     ]
     out = Path(args.out)
     out.with_suffix(".md").write_text("\n".join(md))

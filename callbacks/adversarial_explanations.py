@@ -40,6 +40,8 @@ class AdversarialExplanations(pl.Callback):
         overshoot: engine path length in units of rho (paper: 5).
         baselines: attribution methods for the second row (``[]``: none); see robustx.attribution.METHODS.
         bf16: run the AE engine under bf16 autocast.
+        compile: run the engine's passes through torch.compile (compiled on the first call,
+            reused by later ones as the weights change).
         on_train_end: also draw the grid at the end of training.
         use_labels: ``true`` means the label (else the predicted class).
         output_dir: folder for ``explanations/`` (default: trainer.default_root_dir, the run folder).
@@ -57,6 +59,7 @@ class AdversarialExplanations(pl.Callback):
         overshoot: float = 5.0,
         baselines: Sequence[str] = DEFAULT_BASELINES,
         bf16: bool = False,
+        compile: bool = False,
         on_train_end: bool = True,
         use_labels: bool = True,
         output_dir: str | None = None,
@@ -82,6 +85,7 @@ class AdversarialExplanations(pl.Callback):
         self.every_n_epochs, self.num_images, self.targets = int(every_n_epochs), int(num_images), targets
         self.rho, self.steps, self.overshoot = float(rho), int(steps), float(overshoot)
         self.baselines, self.bf16, self.final = list(baselines), bool(bf16), bool(on_train_end)
+        self.compile = bool(compile)
         self.use_labels, self.output_dir, self.dpi = bool(use_labels), output_dir, int(dpi)
         self._batch: tuple[Tensor, Tensor] | None = None
         self._last_step: int | None = None
@@ -158,7 +162,8 @@ class AdversarialExplanations(pl.Callback):
                 labels = y if self.use_labels else None
                 res = adversarial_explanations(
                     model, x, labels, targets=self.targets, rho=self.rho, steps=self.steps, overshoot=self.overshoot,
-                    autocast_dtype=torch.bfloat16 if self.bf16 else None, channels_last=channels_last, class_names=names,
+                    autocast_dtype=torch.bfloat16 if self.bf16 else None, channels_last=channels_last, compile=self.compile,
+                    class_names=names,
                 )
                 kinds = column_kinds(self.targets, num_classes)
                 explained = y if self.use_labels else res.pred_before  # (N,)

@@ -33,6 +33,7 @@ class ARAEvaluation(pl.Callback):
         final_num_images, final_steps, final_eps, final_momentum: final settings (paper: 1000, 450, 20, 0.9).
         batch_size: images per attack batch.
         bf16: run the attack under bf16 autocast (faster on CPUs with AVX-512 BF16 and on GPUs).
+        compile: run the attack's passes through torch.compile (compiled at the first call, reused).
         bootstrap: bootstrap resamples for the CIs.
         clip: keep perturbed images in [0, 1].
         output_dir: where ``ara_epoch<k>.json`` / ``ara_final.json`` go (default: trainer.default_root_dir, the run folder).
@@ -53,6 +54,7 @@ class ARAEvaluation(pl.Callback):
         final_momentum: float = 0.9,
         batch_size: int = 100,
         bf16: bool = False,
+        compile: bool = False,
         bootstrap: int = 1000,
         clip: bool = False,
         output_dir: str | None = None,
@@ -65,7 +67,7 @@ class ARAEvaluation(pl.Callback):
         self.every_n_epochs = every_n_epochs
         self.periodic = {"num_images": num_images, "steps": steps, "eps": eps, "momentum": momentum}
         self.final_settings = {"num_images": final_num_images, "steps": final_steps, "eps": final_eps, "momentum": final_momentum}
-        self.final, self.batch_size, self.bf16 = final, batch_size, bf16
+        self.final, self.batch_size, self.bf16, self.compile = final, batch_size, bf16, bool(compile)
         self.bootstrap, self.clip, self.output_dir = bootstrap, clip, output_dir
         self.history: list[dict[str, Any]] = []
 
@@ -107,7 +109,7 @@ class ARAEvaluation(pl.Callback):
                         x = x.contiguous(memory_format=torch.channels_last)
                     out = evaluate_batch(
                         model, x, y, steps=s["steps"], eps=s["eps"], momentum=s["momentum"], clip=self.clip,
-                        autocast_dtype=torch.bfloat16 if self.bf16 else None,
+                        autocast_dtype=torch.bfloat16 if self.bf16 else None, compile=self.compile,
                     )
                     metric.update(out["r_attack"], out["r_btr"], torch.tensor(chunk, device=pl_module.device))
                     for mode in found:

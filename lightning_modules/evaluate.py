@@ -24,6 +24,24 @@ from .loading import checkpoint_paths, load_classifier
 log = logging.getLogger(__name__)
 
 
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` runs bf16 matrix work natively (CPU: AVX-512 BF16 or AMX; CUDA: Ampere+)."""
+    if str(device).startswith("cuda"):
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def _auto_flag(value: Any, key: str, default: bool) -> bool:
+    """``auto`` -> ``default``; booleans as given; anything else is a user error."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() == "auto":
+        return default
+    raise ValueError(f"ara.{key} must be true, false or auto, got {value!r}.")
+
+
 def _settings(cfg: DictConfig) -> dict[str, Any]:
     a = cfg.ara
     if a.protocol not in PROTOCOLS:
@@ -34,11 +52,16 @@ def _settings(cfg: DictConfig) -> dict[str, Any]:
             s[k] = a[k]
     if s["steps"] <= 0 or s["eps"] <= 0:
         raise ValueError(f"ara.steps and ara.eps must be > 0, got {s['steps']} and {s['eps']}.")
+    # "auto": the measured fast path (bf16 autocast + channels_last + torch.compile; BENCHMARKS.md
+    # "Search speed") where the device runs bf16 natively, else the eager fp32 path.
+    fast = native_bf16(str(cfg.get("device", "cpu")))
     modes = list(a.modes)
     if any(m not in ("attack", "btr") for m in modes) or not modes:
         raise ValueError(f"ara.modes must be a non-empty subset of [attack, btr], got {modes}.")
     return {**s, "protocol": a.protocol, "num_images": int(a.num_images), "batch_size": int(a.batch_size), "modes": modes,
-            "clip": bool(a.clip), "bf16": bool(a.bf16), "channels_last": bool(a.channels_last)}
+            "clip": bool(a.clip), "bf16": _auto_flag(a.bf16, "bf16", fast),
+            "channels_last": _auto_flag(a.channels_last, "channels_last", fast),
+            "compile": _auto_flag(a.get("compile", False), "compile", fast)}
 
 
 def _file_digest(path: Path) -> str:
@@ -140,7 +163,7 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
             out = evaluate_batch(model, x, y, modes=tuple(settings["modes"]), steps=settings["steps"], eps=settings["eps"],
                                  momentum=settings["momentum"], clip=settings["clip"],
                                  autocast_dtype=torch.bfloat16 if settings["bf16"] else None,
-                                 refine=int(settings.get("refine", 0)))
+                                 refine=int(settings.get("refine", 0)), compile=settings["compile"])
             rec = {k: v.cpu().tolist() for k, v in out.items()}
             rec["ids"] = chunk
             rec["seconds"] = time.time() - t0

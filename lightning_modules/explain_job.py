@@ -66,7 +66,8 @@ def settings(cfg: DictConfig) -> dict[str, Any]:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device} but CUDA is not available here; use device=cpu.")
     return {"rho": rho, "steps": steps, "overshoot": overshoot, "targets": targets, "baselines": baselines,
-            "bf16": bool(cfg.bf16), "channels_last": bool(cfg.channels_last), "device": device}
+            "bf16": bool(cfg.bf16), "channels_last": bool(cfg.channels_last),
+            "compile": bool(cfg.get("compile", False)), "device": device}
 
 
 def input_format(model: nn.Module, info: dict[str, Any], image_size: Any = None) -> tuple[int, tuple[int, int], str]:
@@ -199,7 +200,8 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
             probs = model(x).float().softmax(1)[0]  # (num_classes,)
         res = adversarial_explanations(
             model, x, y, targets=s["targets"], rho=s["rho"], steps=s["steps"], overshoot=s["overshoot"],
-            autocast_dtype=torch.bfloat16 if s["bf16"] else None, channels_last=s["channels_last"], class_names=names,
+            autocast_dtype=torch.bfloat16 if s["bf16"] else None, channels_last=s["channels_last"], compile=s["compile"],
+            class_names=names,
         )
         t_ae = time.time() - t0
         explained = int(res.pred_before[0]) if label is None else label

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .attacks import criterion_mask, engine_attack, rmse
+from .compiled import compiled_forward, frozen_parameters
 
 __all__ = [
     "ara_exact",
@@ -151,6 +152,7 @@ def minimal_perturbation(
     clip: bool = False,
     autocast_dtype: torch.dtype | None = None,
     refine: int = 0,
+    compile: bool = False,
 ) -> MinimalPerturbation:
     """Search the smallest-RMSE perturbation that makes each image fail the criterion.
 
@@ -172,6 +174,8 @@ def minimal_perturbation(
         refine: bisection steps (>= 0; not in the paper) that shrink each found perturbation
             along its own direction to the criterion boundary, in full precision, with forward
             passes only.
+        compile: run the search's passes through ``torch.compile`` (:mod:`robustx.compiled`;
+            the first call per model and batch shape compiles). Re-check and bisection stay eager.
     """
     from contextlib import nullcontext
 
@@ -193,8 +197,9 @@ def minimal_perturbation(
 
     crit = lambda logits, y, delta: passes_criterion(logits, y, mode)  # noqa: E731
     ctx = torch.autocast(images.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-    with ctx:
-        engine_attack(model, images, labels, eps=eps, steps=steps, criterion=crit, momentum=momentum, clip=clip, on_step=on_step)
+    net = compiled_forward(model) if compile else model
+    with ctx, (frozen_parameters(model) if compile else nullcontext()):
+        engine_attack(net, images, labels, eps=eps, steps=steps, criterion=crit, momentum=momentum, clip=clip, on_step=on_step)
     found = torch.isfinite(best_r)
     if refine < 0:
         raise ValueError(f"refine must be >= 0 bisection steps, got {refine}.")
@@ -254,6 +259,7 @@ def evaluate_batch(
     clip: bool = False,
     autocast_dtype: torch.dtype | None = None,
     refine: int = 0,
+    compile: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Minimal perturbations of one batch for each criterion -> {"r_attack", "found_attack", ...}.
 
@@ -266,7 +272,7 @@ def evaluate_batch(
         for mode in modes:
             res = minimal_perturbation(
                 model, images, labels, mode=mode, steps=steps, eps=eps, momentum=momentum, clip=clip, autocast_dtype=autocast_dtype,
-                refine=refine,
+                refine=refine, compile=compile,
             )
             out[f"r_{mode}"] = res.r
             out[f"found_{mode}"] = res.found

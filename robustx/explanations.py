@@ -6,8 +6,9 @@ inside an RMSE budget rho: criterion L2 (follow the gradient while RMSE(delta) <
 along -delta otherwise), T = 35 steps, falling step sizes summing to 5 * rho, no momentum. On a
 robust network the AE shows what the network needs to see to call the image that class.
 
-Every (image, target) pair is one row of a single batch of B * K images, so one call explains
-many images toward many classes with one engine run (optionally split into chunks).
+Every distinct (image, target) pair is one row of a single batch of at most B * K images, so one
+call explains many images toward many classes with one engine run (optionally split into
+chunks); a pair requested twice (``["true", "all"]``) is computed once.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .attacks import engine_attack, rmse
+from .compiled import compiled_forward
 
 __all__ = ["TargetSpec", "AEResult", "resolve_targets", "adversarial_explanations", "TARGET_KEYWORDS"]
 
@@ -218,6 +220,7 @@ def adversarial_explanations(
     clip: bool = False,
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    compile: bool = False,
     chunk_size: int | None = None,
     class_names: Sequence[str] | None = None,
 ) -> AEResult:
@@ -248,6 +251,10 @@ def adversarial_explanations(
             torch.bfloat16: faster on CPUs with AVX-512 BF16 and on GPUs); the probabilities
             and predictions before/after are computed in full precision.
         channels_last: run in the channels_last memory format (model and inputs).
+        compile: run the engine's forward and input-gradient passes through ``torch.compile``
+            (see :mod:`robustx.compiled`). The first call per model and input shape compiles
+            (tens of seconds on a CPU); later calls in this process reuse it, also after the
+            weights change.
         chunk_size: at most this many (image, target) pairs per engine run (None: all B*K).
         class_names: (num_classes,) names, for targets given by name.
     Returns:
@@ -269,39 +276,46 @@ def adversarial_explanations(
         prob_before = probs.gather(1, tgt)  # (B, K)
         pred_before = logits.argmax(1)  # (B,)
 
-        x_rep = x.repeat_interleave(k, dim=0).contiguous(memory_format=fmt)  # (B*K, C, H, W)
-        t_rep = tgt.reshape(-1)  # (B*K,)
+        # A pair asked for twice (e.g. "true" and "all") is explained once: rows are independent
+        # in eval mode, so the duplicate would be the same AE at the same cost.
+        num_classes = logits.size(1)
+        keys = torch.arange(b, device=tgt.device)[:, None] * num_classes + tgt  # (B, K)
+        uniq, inverse = torch.unique(keys.reshape(-1), return_inverse=True)  # (U,), (B*K,)
+        x_rep = x[uniq // num_classes].contiguous(memory_format=fmt)  # (U, C, H, W)
+        t_rep = uniq % num_classes  # (U,)
         n = x_rep.size(0)
         chunk = chunk_size or max(n, 1)
         ctx = torch.autocast(images.device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+        net = compiled_forward(model) if compile else model
         parts = []
         with torch.enable_grad():
             for i in range(0, n, chunk):
                 with ctx:
                     parts.append(
                         engine_attack(
-                            model, x_rep[i : i + chunk], t_rep[i : i + chunk], eps=rho, steps=steps, criterion="l2",
+                            net, x_rep[i : i + chunk], t_rep[i : i + chunk], eps=rho, steps=steps, criterion="l2",
                             overshoot=overshoot, momentum=momentum, targeted=True, clip=clip,
                         )
                     )
-        ae = torch.cat(parts) if parts else x_rep.clone()  # (B*K, C, H, W)
+        ae = torch.cat(parts) if parts else x_rep.clone()  # (U, C, H, W)
 
         # Project onto the rho-ball where the last steps ended outside it (see the docstring).
-        delta = (ae - x_rep).float()  # (B*K, C, H, W)
-        r = rmse(delta)  # (B*K,)
+        delta = (ae - x_rep).float()  # (U, C, H, W)
+        r = rmse(delta)  # (U,)
         over = r > rho
         if over.any():
             log.debug("projected %d of %d AEs back onto the rho-ball (max RMSE %.4g > rho %.4g)", int(over.sum()), n, float(r.max()), rho)
-            scale = torch.where(over, rho / r.clamp(min=1e-12), torch.ones_like(r))  # (B*K,)
-            ae = x_rep + delta * scale.view(-1, 1, 1, 1)  # (B*K, C, H, W)
+            scale = torch.where(over, rho / r.clamp(min=1e-12), torch.ones_like(r))  # (U,)
+            ae = x_rep + delta * scale.view(-1, 1, 1, 1)  # (U, C, H, W)
             if clip:
                 ae = ae.clamp(0, 1)
-        ae = ae.to(images.dtype).contiguous(memory_format=fmt)  # (B*K, C, H, W)
-        logits_after = _full_precision_logits(model, ae, chunk)  # (B*K, num_classes)
+        ae = ae.to(images.dtype).contiguous(memory_format=fmt)  # (U, C, H, W)
+        logits_after = _full_precision_logits(model, ae, chunk)  # (U, num_classes)
 
-    r = rmse((ae - x_rep).float())  # (B*K,)
-    prob_after = logits_after.softmax(1).gather(1, t_rep[:, None])[:, 0]  # (B*K,)
-    ae = ae.contiguous().reshape(b, k, *images.shape[1:])  # (B, K, C, H, W)
+    r = rmse((ae - x_rep).float())[inverse]  # (B*K,)
+    prob_after = logits_after.softmax(1).gather(1, t_rep[:, None])[:, 0][inverse]  # (B*K,)
+    logits_after = logits_after[inverse]  # (B*K, num_classes)
+    ae = ae.contiguous()[inverse].reshape(b, k, *images.shape[1:])  # (B, K, C, H, W)
     return AEResult(
         images=ae,
         targets=tgt,

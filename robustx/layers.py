@@ -78,6 +78,14 @@ class HalfHuberReLU(nn.Module):
         self._d = float(self.d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # Under torch.compile the composed expression lets the compiler derive and fuse the
+            # backward with the neighbouring BatchNorm; the custom Function would stay opaque.
+            # (Double backprop through compiled graphs is not supported by torch.compile.)
+            # (relu + where rather than clamp: compiled clamp passes no gradient at x == d.)
+            d = self._d
+            r = torch.relu(x)
+            return torch.where(x > d, x - 0.5 * d, r * r * (0.5 / d))
         # Reading a CPU buffer is free; on accelerators use the cached value (no device sync).
         d = float(self.d) if self.d.device.type == "cpu" else self._d
         return _HHReLU.apply(x, d)

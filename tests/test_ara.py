@@ -137,6 +137,18 @@ def test_results_independent_of_batch_size():
     torch.testing.assert_close(full, parts, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_compiled_search_matches_eager_and_restores_parameters():
+    """compile=True runs the same search: r_i equal up to fused-kernel rounding, params unfrozen after."""
+    model, x, y = _tiny_trained_cnn()
+    y = model(x).argmax(1)
+    eager = minimal_perturbation(model, x, y, steps=30, eps=2.0, momentum=0.9)
+    comp = minimal_perturbation(model, x, y, steps=30, eps=2.0, momentum=0.9, compile=True)
+    assert torch.equal(comp.found, eager.found)
+    torch.testing.assert_close(comp.r, eager.r, rtol=1e-3, atol=1e-6)
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def _ddp_worker(rank: int, world: int, init_file: str, r_a, r_b, out_file: str) -> None:
     import torch.distributed as dist
 
@@ -163,3 +175,23 @@ def test_metric_under_ddp_equals_single_process(tmp_path):
     ref = single.compute()
     for k, v in ref.items():
         assert float(ddp[k]) == pytest.approx(v, rel=1e-6), k
+
+
+def test_compile_unavailable_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
+    """No C++ compiler / Triton: compiled_forward logs once and runs the model eagerly."""
+    import robustx.compiled as rc
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def broken(model, x):
+        raise BackendCompilerFailed(lambda *a: None, RuntimeError("C++ compiler not found"), None)
+
+    monkeypatch.setattr(rc, "_COMPILED", broken)
+    monkeypatch.setattr(rc, "_UNAVAILABLE", False)
+    model, x, y = _tiny_trained_cnn()
+    y = model(x).argmax(1)
+    with caplog.at_level("WARNING", logger="robustx.compiled"):
+        comp = minimal_perturbation(model, x, y, steps=10, eps=2.0, compile=True)
+    eager = minimal_perturbation(model, x, y, steps=10, eps=2.0)
+    torch.testing.assert_close(comp.r, eager.r)
+    warnings = [r for r in caplog.records if "torch.compile is unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()

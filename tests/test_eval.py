@@ -28,6 +28,10 @@ CHEAP = [
     "ara.batch_size=8",
     "ara.bootstrap=50",
     "cross_check.steps=30",
+    # the fp32 eager path (the default "auto" compiles, which the test below covers once)
+    "ara.bf16=false",
+    "ara.channels_last=false",
+    "ara.compile=false",
 ]
 
 
@@ -72,12 +76,32 @@ def test_eval_json_png_resume_and_several_checkpoints(tmp_path):
     assert res2["batches_resumed"] == 2 and res2["batches_without_timing"] == 0
 
 
+@pytest.mark.slow
+def test_auto_fast_path_resolves_per_device_and_agrees_with_fp32(tmp_path):
+    """ara.bf16/channels_last/compile=auto: the fast path where bf16 is native; settings record it."""
+    from lightning_modules.evaluate import native_bf16
+
+    a = _export(tmp_path / "a.safetensors", 0)
+    auto = [o for o in CHEAP if not o.startswith(("ara.bf16", "ara.channels_last", "ara.compile"))]
+    run_eval(tmp_path, f"ckpt={a}", *auto, "cross_check.attacks=[]", "hydra.run.dir=auto")
+    run_eval(tmp_path, f"ckpt={a}", *CHEAP, "cross_check.attacks=[]", "hydra.run.dir=fp32")
+    fast = json.loads((tmp_path / "auto" / "a.json").read_text())
+    ref = json.loads((tmp_path / "fp32" / "a.json").read_text())
+    native = native_bf16("cpu")
+    assert fast["settings"]["bf16"] is native and fast["settings"]["compile"] is native
+    assert ref["settings"]["bf16"] is False and ref["settings"]["compile"] is False
+    assert fast["accuracy"] == ref["accuracy"]  # the clean pass and the re-check are fp32
+    for mode in ("attack", "btr"):
+        assert fast[mode]["ara"] == pytest.approx(ref[mode]["ara"], rel=0.1)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
         ("ckpt=/nonexistent.safetensors", "does not exist"),
         ("ara.protocol=bogus", "unknown ara.protocol"),
         ("ara.steps=0", "must be > 0"),
+        ("ara.bf16=maybe", "ara.bf16 must be true, false or auto"),
     ],
 )
 def test_eval_user_errors(tmp_path, override, message):

@@ -186,6 +186,36 @@ def test_chunked_equals_unchunked(trained):
     assert torch.allclose(a.prob_after, b.prob_after, atol=1e-5)
 
 
+def test_duplicate_pairs_computed_once_and_equal(trained, monkeypatch):
+    """"true" is also among "all": the pair is explained once and reported in both columns."""
+    import robustx.explanations as ex
+
+    model, x, y = trained
+    rows = []
+    real = ex.engine_attack
+    monkeypatch.setattr(ex, "engine_attack", lambda m, imgs, *a, **k: rows.append(imgs.size(0)) or real(m, imgs, *a, **k))
+    res = adversarial_explanations(model, x[:3], y[:3], targets=["true", "all"], steps=10)
+    assert res.targets.shape == (3, 5) and rows == [3 * 4]  # 15 requested pairs, 12 distinct
+    for i in range(3):
+        t = int(y[i])
+        assert torch.equal(res.images[i, 0], res.images[i, 1 + t])
+        assert res.prob_after[i, 0] == res.prob_after[i, 1 + t]
+    alone = adversarial_explanations(model, x[:3], y[:3], targets="true", steps=10)
+    assert torch.allclose(alone.images[:, 0], res.images[:, 0], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compile_matches_eager(trained):
+    """compile=True (torch.compile of the engine passes) gives the eager AEs up to fused-kernel rounding."""
+    model, x, y = trained
+    ref = adversarial_explanations(model, x[:4], y[:4], targets=["true", "second"], steps=10)
+    fast = adversarial_explanations(model, x[:4], y[:4], targets=["true", "second"], steps=10, compile=True)
+    assert (fast.rmse <= 0.1 * RHO_TOL).all()
+    assert rmse((fast.images - ref.images).flatten(0, 1)).max() < 1e-3
+    assert torch.equal(fast.prob_before, ref.prob_before)
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_bf16_autocast_close_to_fp32(trained):
     model, x, y = trained
     ref = adversarial_explanations(model, x[:6], y[:6], targets=["true", "second"], rho=0.1)

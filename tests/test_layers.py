@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -54,3 +55,22 @@ def test_swap_activations_everywhere():
     tv = TorchvisionClassifier(arch="resnet18", num_classes=4, activation="hhrelu")
     assert not any(isinstance(m, nn.ReLU) for m in tv.modules())
     assert tv(torch.rand(2, 3, 32, 32)).shape == (2, 4)
+
+
+@pytest.mark.slow
+def test_hhrelu_under_torch_compile_matches_eager():
+    """Under torch.compile the module uses the composed expression; values and gradients agree."""
+    from robustx.layers import HalfHuberReLU
+
+    act = HalfHuberReLU(0.5)
+    x = torch.linspace(-1, 2, 301, dtype=torch.float64)
+    x[150] = 0.5  # the boundary d itself
+    xe = x.clone().requires_grad_(True)
+    xc = x.clone().requires_grad_(True)
+    ye = act(xe)
+    yc = torch.compile(act)(xc)
+    assert torch.allclose(ye, yc, atol=1e-12)
+    (ge,) = torch.autograd.grad(ye.sum(), xe)
+    (gc,) = torch.autograd.grad(yc.sum(), xc)
+    assert torch.allclose(ge, gc, atol=1e-12)
+    assert torch.allclose(gc, x.clamp(0, 0.5) / 0.5, atol=1e-12)
