@@ -7,9 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results/penalty_impl}
-run() {  # name precision impl [channels_last]
+run() {  # name precision impl [channels_last] [fd_h]
   .venv/bin/python train.py +experiment=demo logger=csv trainer.enable_progress_bar=false trainer.precision=$2 \
-    method.penalty_impl=$3 channels_last=${4:-false} callbacks=ara callbacks.ara_evaluation.every_n_epochs=0 callbacks.ara_evaluation.final_num_images=200 \
+    method.penalty_impl=$3 channels_last=${4:-false} method.fd_h=${5:-0.0005} callbacks=ara callbacks.ara_evaluation.every_n_epochs=0 callbacks.ara_evaluation.final_num_images=200 \
     callbacks.ara_evaluation.final_steps=100 callbacks.ara_evaluation.final_eps=5 callbacks.ara_evaluation.final_momentum=0.9 \
     hydra.run.dir=$OUT/$1
 }
@@ -18,14 +18,16 @@ run finite_difference-32 32-true finite_difference
 run double_backprop-bf16 bf16-mixed double_backprop
 run finite_difference-bf16 bf16-mixed finite_difference
 run finite_difference-bf16cl bf16-mixed finite_difference true
+run finite_difference-bf16cl-h2e-3 bf16-mixed finite_difference true 0.002   # probe size that suits bf16 (bench/bench_fd_fidelity.py)
 .venv/bin/python - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
 print("| penalty | precision | test acc | val acc | final psi | ARA attack [95% CI] | ARA BTR [95% CI] | train s | s/step |")
 print("|---|---|---|---|---|---|---|---|---|")
-for name in ("double_backprop-32", "finite_difference-32", "double_backprop-bf16", "finite_difference-bf16", "finite_difference-bf16cl"):
-    impl, prec = name.split("-")
-    prec = prec.replace("bf16cl", "bf16 + channels_last")
+for name in ("double_backprop-32", "finite_difference-32", "double_backprop-bf16", "finite_difference-bf16", "finite_difference-bf16cl",
+             "finite_difference-bf16cl-h2e-3"):
+    impl, prec = name.split("-")[:2]
+    prec = prec.replace("bf16cl", "bf16 + channels_last") + (", h=2e-3" if name.endswith("h2e-3") else "")
     m = json.load(open(f"{out}/{name}/metrics.json")); a = json.load(open(f"{out}/{name}/ara_final.json"))
     print(f"| {impl} | {prec} | {m['metrics']['test/acc']:.4f} | {m['metrics']['val/acc']:.4f} | {m['metrics'].get('train/psi', float('nan')):.0f} "
           f"| {a['attack/ara']:.5f} [{a['attack/ara_ci_low']:.5f}, {a['attack/ara_ci_high']:.5f}] "
