@@ -160,7 +160,9 @@ def minimal_perturbation(
     passes and pulls back along -delta once it fails, with falling step sizes summing to
     ``eps`` and momentum; the best (smallest RMSE) failing delta seen at any step is kept and
     re-checked by a forward pass. Images failing unperturbed have r = 0. Images not found
-    failing get r = the largest RMSE explored and ``found = False``.
+    failing get r = the largest RMSE explored and ``found = False``. A found perturbation that
+    does not fail in full precision (a bf16 or compiled search can stop a hair short of the fp32
+    boundary) is stretched by the smallest of a few scales (1.0005 ... 1.5) that makes it fail.
 
     Args:
         model: classifier on [0, 1] images, in eval mode.
@@ -203,15 +205,45 @@ def minimal_perturbation(
     found = torch.isfinite(best_r)
     if refine < 0:
         raise ValueError(f"refine must be >= 0 bisection steps, got {refine}.")
+    # A search in reduced precision (or compiled, fused arithmetic) can stop a hair short of the
+    # full-precision boundary; stretch such perturbations until they fail in fp32 so that every
+    # reported perturbation is adversarial for the model as it is (r grows by at most 50%).
+    scale = _repair(model, images, labels, best_delta, found & (best_r > 0), mode=mode)
+    best_delta = best_delta * scale.view(-1, 1, 1, 1).to(best_delta.dtype)
+    best_r = torch.where(found, best_r * scale, best_r)
     if refine > 0:
         scale = _bisect(model, images, labels, best_delta, found & (best_r > 0), mode=mode, steps=refine)
         best_delta = best_delta * scale.view(-1, 1, 1, 1).to(best_delta.dtype)
         best_r = torch.where(found, best_r * scale, best_r)
     adversarial = images + best_delta
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
         rechecked = ~passes_criterion(model(adversarial).float(), labels, mode) & found
     r = torch.where(found, best_r, max_r)
     return MinimalPerturbation(r=r, adversarial=adversarial.detach(), found=found, first_fail_step=first, rechecked=rechecked)
+
+
+#: Scales tried, in order, by :func:`_repair` (1.0 is the plain full-precision re-check).
+_REPAIR_SCALES = (1.0, 1.0005, 1.001, 1.002, 1.005, 1.01, 1.02, 1.05, 1.1, 1.2, 1.5)
+
+
+@torch.no_grad()
+def _repair(model: nn.Module, images, labels, delta, active, *, mode: Mode) -> torch.Tensor:
+    """Per image the smallest scale in :data:`_REPAIR_SCALES` with images + scale * delta failing in full precision -> (B,).
+
+    Images not ``active``, and those failing at no listed scale, keep 1 (the re-check then
+    reports the latter).
+    """
+    scale = torch.ones(images.size(0), device=images.device)
+    pending = active.clone()
+    with torch.autocast(images.device.type, enabled=False):
+        for s in _REPAIR_SCALES:
+            if not pending.any():
+                break
+            fails = ~passes_criterion(model(images + s * delta).float(), labels, mode)  # (B,)
+            hit = pending & fails
+            scale = torch.where(hit, torch.full_like(scale, s), scale)
+            pending = pending & ~fails
+    return scale
 
 
 @torch.no_grad()
@@ -223,6 +255,11 @@ def _bisect(model: nn.Module, images, labels, delta, active, *, mode: Mode, step
     """
     hi = torch.ones(images.size(0), device=images.device)
     lo = torch.zeros_like(hi)
+    with torch.autocast(images.device.type, enabled=False):
+        return _bisect_loop(model, images, labels, delta, active, mode=mode, steps=steps, lo=lo, hi=hi)
+
+
+def _bisect_loop(model, images, labels, delta, active, *, mode: Mode, steps: int, lo, hi) -> torch.Tensor:
     for _ in range(steps):
         mid = (lo + hi) / 2
         fails = ~passes_criterion(model(images + mid.view(-1, 1, 1, 1) * delta).float(), labels, mode)  # (B,)

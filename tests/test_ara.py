@@ -16,6 +16,7 @@ from robustx.ara import (
     ara_exact,
     evaluate_batch,
     minimal_perturbation,
+    passes_criterion,
     robust_accuracy_at,
 )
 from robustx.ara_metric import ARAMetric
@@ -127,6 +128,23 @@ def test_eps_zero_is_clean_accuracy_and_examples_are_adversarial():
     assert (out["r_attack"][~out["correct"]] == 0).all()
     assert (out["rechecked_attack"] == out["found_attack"]).all()
     assert (out["r_btr"] >= 0).all()
+
+
+def test_bf16_search_reports_only_perturbations_that_fail_in_fp32():
+    """A bf16 search stops short of the fp32 boundary on some images; those are stretched until they fail."""
+    torch.manual_seed(1)
+    model = SmallCNN(channels=(8, 8, 8), hidden=16, mean=(0.5,), std=(0.25,), activation="hhrelu").eval()
+    x = torch.rand(48, 1, 28, 28)
+    y = model(x).argmax(1)
+    ref = minimal_perturbation(model, x, y, steps=60, eps=2.0, momentum=0.9)
+    # (Before the stretch, 7 of these 45 bf16 perturbations passed the fp32 re-check.)
+    res = minimal_perturbation(model, x, y, steps=60, eps=2.0, momentum=0.9, autocast_dtype=torch.bfloat16)
+    assert res.found.float().mean() > 0.9 and torch.equal(res.rechecked, res.found)
+    with torch.no_grad():
+        logits = model(res.adversarial)
+    assert (~passes_criterion(logits, y, "attack"))[res.found].all()
+    both = res.found & ref.found
+    assert ((res.r - ref.r).abs() / ref.r)[both].median() < 0.1  # stretching is small
 
 
 def test_results_independent_of_batch_size():
