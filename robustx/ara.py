@@ -205,18 +205,21 @@ def minimal_perturbation(
     found = torch.isfinite(best_r)
     if refine < 0:
         raise ValueError(f"refine must be >= 0 bisection steps, got {refine}.")
-    # A search in reduced precision (or compiled, fused arithmetic) can stop a hair short of the
-    # full-precision boundary; stretch such perturbations until they fail in fp32 so that every
-    # reported perturbation is adversarial for the model as it is (r grows by at most 50%).
-    scale = _repair(model, images, labels, best_delta, found & (best_r > 0), mode=mode)
-    best_delta = best_delta * scale.view(-1, 1, 1, 1).to(best_delta.dtype)
-    best_r = torch.where(found, best_r * scale, best_r)
-    if refine > 0:
-        scale = _bisect(model, images, labels, best_delta, found & (best_r > 0), mode=mode, steps=refine)
+
+    def rescale(scale: torch.Tensor) -> None:  # scale: (B,)
+        nonlocal best_delta, best_r
         best_delta = best_delta * scale.view(-1, 1, 1, 1).to(best_delta.dtype)
         best_r = torch.where(found, best_r * scale, best_r)
-    adversarial = images + best_delta
+
+    # Everything after the search runs in full precision, even inside a caller's autocast.
     with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+        # A search in reduced precision (or compiled, fused arithmetic) can stop a hair short of
+        # the full-precision boundary; stretch such perturbations until they fail in fp32 so that
+        # every reported perturbation is adversarial for the model as it is (r grows <= 50%).
+        rescale(_repair(model, images, labels, best_delta, found & (best_r > 0), mode=mode))
+        if refine > 0:
+            rescale(_bisect(model, images, labels, best_delta, found & (best_r > 0), mode=mode, steps=refine))
+        adversarial = images + best_delta
         rechecked = ~passes_criterion(model(adversarial).float(), labels, mode) & found
     r = torch.where(found, best_r, max_r)
     return MinimalPerturbation(r=r, adversarial=adversarial.detach(), found=found, first_fail_step=first, rechecked=rechecked)
@@ -235,14 +238,12 @@ def _repair(model: nn.Module, images, labels, delta, active, *, mode: Mode) -> t
     """
     scale = torch.ones(images.size(0), device=images.device)
     pending = active.clone()
-    with torch.autocast(images.device.type, enabled=False):
-        for s in _REPAIR_SCALES:
-            if not pending.any():
-                break
-            fails = ~passes_criterion(model(images + s * delta).float(), labels, mode)  # (B,)
-            hit = pending & fails
-            scale = torch.where(hit, torch.full_like(scale, s), scale)
-            pending = pending & ~fails
+    for s in _REPAIR_SCALES:
+        if not pending.any():
+            break
+        fails = ~passes_criterion(model(images + s * delta).float(), labels, mode)  # (B,)
+        scale = torch.where(pending & fails, torch.full_like(scale, s), scale)
+        pending = pending & ~fails
     return scale
 
 
@@ -255,11 +256,6 @@ def _bisect(model: nn.Module, images, labels, delta, active, *, mode: Mode, step
     """
     hi = torch.ones(images.size(0), device=images.device)
     lo = torch.zeros_like(hi)
-    with torch.autocast(images.device.type, enabled=False):
-        return _bisect_loop(model, images, labels, delta, active, mode=mode, steps=steps, lo=lo, hi=hi)
-
-
-def _bisect_loop(model, images, labels, delta, active, *, mode: Mode, steps: int, lo, hi) -> torch.Tensor:
     for _ in range(steps):
         mid = (lo + hi) / 2
         fails = ~passes_criterion(model(images + mid.view(-1, 1, 1, 1) * delta).float(), labels, mode)  # (B,)

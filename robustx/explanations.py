@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .attacks import engine_attack, rmse
-from .compiled import compiled_forward
+from .compiled import compiled_forward, frozen_parameters
 
 __all__ = ["TargetSpec", "AEResult", "resolve_targets", "adversarial_explanations", "TARGET_KEYWORDS"]
 
@@ -153,18 +153,16 @@ def _prepared(model: nn.Module, channels_last: bool) -> Iterator[None]:
     tensors back (no copy, exact restoration of the model's memory format).
     """
     was_training = model.training
-    grads = [(p, p.requires_grad) for p in model.parameters()]
     saved_params = [(p, p.data, p.grad, None if p.grad is None else p.grad.data) for p in model.parameters() if p.dim() == 4]
     saved_buffers = [
         (m, name, buf) for m in model.modules() for name, buf in m._buffers.items() if buf is not None and buf.dim() == 4
     ]
     model.eval()
-    for p, _ in grads:
-        p.requires_grad_(False)
     try:
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-        yield
+        with frozen_parameters(model):
+            if channels_last:
+                model.to(memory_format=torch.channels_last)
+            yield
     finally:
         if channels_last:
             for p, data, grad, grad_data in saved_params:
@@ -174,8 +172,6 @@ def _prepared(model: nn.Module, channels_last: bool) -> Iterator[None]:
                 p.grad = grad
             for m, name, buf in saved_buffers:
                 m._buffers[name] = buf
-        for p, flag in grads:
-            p.requires_grad_(flag)
         model.train(was_training)
 
 
