@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -66,6 +67,16 @@ class RobustClassifier(pl.LightningModule):
         self.psi = self.method.make_psi()
         num_classes = int(model_cfg.get("num_classes", 10))
         self.num_classes = num_classes
+        m = self.method
+        if m.penalty and m.adaptive and num_classes > 1 and m.l_target >= math.log(num_classes):
+            # A CE target at or above a uniform guess's (ln C) is never reached by a network that
+            # learns anything, so the integrator (paper Eq. for psi) only grows: psi explodes and the
+            # network collapses (measured: Fashion-MNIST, l_target=3.0 -> test accuracy 0.20).
+            log.warning(
+                "method.l_target=%g is >= ln(%d)=%.2f, the cross-entropy of a uniform guess: adaptive psi will grow "
+                "without bound and training will collapse; use a target below %.2f (default 1.5).",
+                m.l_target, num_classes, math.log(num_classes), math.log(num_classes),
+            )
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")

@@ -42,3 +42,19 @@ def test_errors():
     with pytest.raises(ValueError, match="finite and > 0"):
         integrator_step(0.0, float("nan"))
     assert integrator_step(1.0, 0.0) == 2.0
+
+
+def test_unreachable_ce_target_warns(caplog):
+    """l_target >= ln(C) (a uniform guess's CE) makes psi grow without bound: the module says so."""
+    import logging
+
+    from lightning_modules.robust_classifier import RobustClassifier
+
+    model = {"_target_": "robustx.models.SmallCNN", "num_classes": 10}
+    with caplog.at_level(logging.WARNING, logger="lightning_modules.robust_classifier"):
+        RobustClassifier(model=model, method={"name": "robust", "penalty": True, "l_target": 1.5})
+    assert not [r for r in caplog.records if "l_target" in r.getMessage()]
+    with caplog.at_level(logging.WARNING, logger="lightning_modules.robust_classifier"):
+        RobustClassifier(model=model, method={"name": "robust", "penalty": True, "l_target": 3.0})
+    (rec,) = [r for r in caplog.records if "l_target" in r.getMessage()]
+    assert "ln(10)=2.30" in rec.getMessage()
