@@ -147,6 +147,38 @@ def test_bf16_search_reports_only_perturbations_that_fail_in_fp32():
     assert ((res.r - ref.r).abs() / ref.r)[both].median() < 0.1  # stretching is small
 
 
+class _AutocastBiased(nn.Module):
+    """A linear classifier whose logits under autocast favour class 0 by ``shift`` (a stand-in for bf16 rounding)."""
+
+    def __init__(self, shift: float) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(12, 3)
+        self.shift = shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lin(x.flatten(1)).float()  # (B, 3)
+        if torch.is_autocast_enabled(x.device.type):
+            out = out + torch.tensor([self.shift, 0.0, 0.0])
+        return out
+
+
+def test_unperturbed_failure_is_decided_in_full_precision():
+    """r = 0 only for images that fail in fp32: a reduced-precision clean pass does not decide it."""
+    model = _AutocastBiased(shift=0.2).eval()
+    x = torch.rand(64, 1, 3, 4)
+    with torch.no_grad():
+        logits = model(x)
+    y = logits.argmax(1)
+    # Correct in fp32 but "misclassified" under autocast: class 0 within the shift of the top logit.
+    near = (y != 0) & (logits.gather(1, y[:, None])[:, 0] - logits[:, 0] < 0.2)
+    assert near.sum() >= 2
+    res = minimal_perturbation(model, x, y, steps=40, eps=2.0, momentum=0.9, autocast_dtype=torch.bfloat16)
+    assert (res.r[near] > 0).all()  # before the fix these got r = 0 with a failed re-check
+    # Every r = 0 is an image that fp32 misclassifies unperturbed (none here: y is fp32's argmax).
+    assert not (res.r == 0).any()
+
+
 def test_results_independent_of_batch_size():
     model, x, y = _tiny_trained_cnn()
     y = model(x).argmax(1)
