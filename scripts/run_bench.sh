@@ -21,6 +21,10 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 WANDB_MODE=${WANDB_MODE:-offline}
 # then 10 fp32 bisection steps), bf16 search with fp32 re-check, ALMA 100 steps.
 COMMON=(+experiment=bench_fashion_mnist data.root="$DATA" logger=csv bench.budget_minutes="$BUDGET"
         bench.num_images=500 bench.ara.protocol=fast bench.ara.bf16=true bench.cross_check.steps=100)
+# EXTRA: more overrides for every job of this call (e.g. EXTRA="trainer.precision=bf16-mixed"), for variants
+# that are not part of the published comparison; give them their own OUT.
+read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
+COMMON+=("${EXTRA_ARGS[@]}")
 run() { local name=$1; shift; echo "== $name: $* ($(date +%T))"; /usr/bin/time -f "$name: %e s" \
         "$PY" train.py -m "${COMMON[@]}" hydra.sweep.dir="$OUT/$name" "$@"; }
 sweep() {
