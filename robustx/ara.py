@@ -182,6 +182,8 @@ def minimal_perturbation(
     """
     from contextlib import nullcontext
 
+    if refine < 0:
+        raise ValueError(f"refine must be >= 0 bisection steps, got {refine}.")
     b = images.size(0)
     best_r = torch.full((b,), math.inf, device=images.device)
     best_delta = torch.zeros_like(images)
@@ -193,9 +195,12 @@ def minimal_perturbation(
     with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
         clean_fails = ~passes_criterion(model(images).float(), labels, mode)  # (B,)
 
+    def passes(logits: torch.Tensor, r: torch.Tensor) -> torch.Tensor:  # (B,) bool, r: (B,) RMSE of delta
+        return torch.where(r == 0, ~clean_fails, passes_criterion(logits, labels, mode))
+
     def on_step(t: int, logits: torch.Tensor, delta: torch.Tensor) -> None:
         r = rmse(delta)
-        fails = torch.where(r == 0, clean_fails, ~passes_criterion(logits, labels, mode))
+        fails = ~passes(logits, r)
         max_r.copy_(torch.maximum(max_r, r))
         better = fails & (r < best_r)
         if better.any():
@@ -203,16 +208,12 @@ def minimal_perturbation(
             best_delta[better] = delta[better]
         first[(first < 0) & fails] = t
 
-    def crit(logits: torch.Tensor, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return torch.where(rmse(delta) == 0, ~clean_fails, passes_criterion(logits, y, mode))
-
+    crit = lambda logits, y, delta: passes(logits, rmse(delta))  # noqa: E731  (y is labels)
     ctx = torch.autocast(images.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     net = compiled_forward(model) if compile else model
     with ctx, (frozen_parameters(model) if compile else nullcontext()):
         engine_attack(net, images, labels, eps=eps, steps=steps, criterion=crit, momentum=momentum, clip=clip, on_step=on_step)
     found = torch.isfinite(best_r)
-    if refine < 0:
-        raise ValueError(f"refine must be >= 0 bisection steps, got {refine}.")
 
     def rescale(scale: torch.Tensor) -> None:  # scale: (B,)
         nonlocal best_delta, best_r
