@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Robustness per compute on Fashion-MNIST (BENCHMARKS.md): the published run, sequentially, one thread.
-#   bash scripts/run_bench.sh [BUDGET_MINUTES] [STAGE...]     (published: 3 and 8; stages main sweep summary, all by
+#   bash scripts/run_bench.sh [BUDGET_MINUTES] [STAGE...]     (published: 3, 8 and 20; stages main sweep summary, all by
 #                                                             default; main:METHOD runs one method, sweep:NAME one
-#                                                             sweep job, e.g. sweep:robust_l0.5)
+#                                                             sweep job, e.g. sweep:robust_l0.5, sweep:all_l1.0)
 # Two lanes on the 2-core machine (each job uses one thread; the 8-minute run was made this way):
 #   OUT=DIR bash scripts/run_bench.sh 8 main:standard main:trades ... &  OUT=DIR bash scripts/run_bench.sh 8 main:pgd ... &
 # Writes logs/train/multiruns/bench_fashion_mnist/<stage>/<job>/bench.json, then the tables and plots in
@@ -30,8 +30,9 @@ run() { local name=$1; shift; echo "== $name: $* ($(date +%T))"; /usr/bin/time -
 sweep() {
   case $1 in
     robust_l*) run "sweep_$1" method=robust method.l_target="${1#robust_l}" ;;
+    all_l*)    run "sweep_$1" method=all method.l_target="${1#all_l}" ;;
     pgd_eps*)  run "sweep_$1" method=pgd method.adversarial.eps="${1#pgd_eps}" ;;
-    *) echo "unknown sweep job $1 (robust_lVALUE or pgd_epsVALUE, e.g. robust_l0.5, pgd_eps0.05)"; exit 2 ;;
+    *) echo "unknown sweep job $1 (robust_lVALUE, all_lVALUE or pgd_epsVALUE, e.g. robust_l0.5, pgd_eps0.05)"; exit 2 ;;
   esac
 }
 for stage in $STAGES; do
