@@ -3,7 +3,7 @@
 #   bash scripts/run_bench.sh [BUDGET_MINUTES] [STAGE...]     (published: 3, 8 and 20; stages main sweep summary, all by
 #                                                             default; main:METHOD runs one method, sweep:NAME one
 #                                                             sweep job, e.g. sweep:robust_l0.5, sweep:all_l1.0)
-# Two lanes on the 2-core machine (each job uses one thread; the 8-minute run was made this way):
+# Two lanes on the 2-core machine (each job uses one thread; the 8- and 20-minute runs were made this way):
 #   OUT=DIR bash scripts/run_bench.sh 8 main:standard main:trades ... &  OUT=DIR bash scripts/run_bench.sh 8 main:pgd ... &
 # Writes logs/train/multiruns/bench_fashion_mnist/<stage>/<job>/bench.json, then the tables and plots in
 # results/bench_fashion_mnist/ (summary.md, rows.json, tradeoff.png).
