@@ -79,7 +79,13 @@ def rank_agreement(a: dict[str, dict], b: dict[str, dict], key: str) -> tuple[fl
 def compare(budgets: list[tuple[str, list[dict[str, Any]]]], *, compare_families: list[str], against: str,
             ratio: float, max_drop: float) -> tuple[str, list[str], dict[str, dict[str, dict]], dict[str, str]]:
     """Markdown report, the run keys in table order, {budget: {key: row}} and {key: label}."""
-    by_budget = {lab: {run_key(r): r for r in rows} for lab, rows in budgets}
+    by_budget: dict[str, dict[str, dict]] = {}
+    for lab, rows in budgets:
+        by_budget[lab] = {}
+        for r in rows:
+            if run_key(r) in by_budget[lab]:
+                log.warning("budget %s: two runs with the same settings (%s); using %s", lab, r.get("label"), r.get("source"))
+            by_budget[lab][run_key(r)] = r
     # One label per run, from the union of all budgets, so that a run is named the same everywhere.
     reps: dict[str, dict] = {}
     for _, rows in budgets:
@@ -160,12 +166,7 @@ def plot(keys: list[str], by_budget: dict[str, dict[str, dict]], labels: dict[st
         ax.grid(alpha=0.3)
     note = f"; not shown, accuracy < {min_acc}: " + ", ".join(dropped) if dropped else ""
     fig.suptitle(title + " (arrows: " + " -> ".join(names) + note + ")", fontsize=10)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, png)
+    sr.save_figure(fig, png)
 
 
 def main(argv: list[str] | None = None) -> int:

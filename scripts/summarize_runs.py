@@ -266,6 +266,13 @@ def plot(rows: list[dict], png: Path, title: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
+    save_figure(fig, png)
+
+
+def save_figure(fig, png: Path) -> None:
+    """Write ``fig`` to ``png`` atomically (a killed run never leaves half a PNG) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     tmp = png.with_suffix(".tmp.png")

@@ -65,3 +65,17 @@ def test_bad_arguments_are_one_line_errors(tmp_path, caplog):
     good = _write(tmp_path / "good", [_row("pgd", 0.8, 0.05, 0.03)])
     assert compare_budgets.main([f"3={good}", "--out", str(tmp_path / "o")]) == 2
     assert "at least two budgets" in caplog.text
+
+
+def test_duplicate_settings_within_a_budget_warn(tmp_path, caplog):
+    a = _write(tmp_path / "a", [_row("pgd", 0.8, 0.05, 0.03), _row("pgd", 0.81, 0.06, 0.03), _row("standard", 0.9, 0.01, 0.01)])
+    b = _write(tmp_path / "b", [_row("pgd", 0.85, 0.05, 0.03), _row("standard", 0.92, 0.01, 0.01)])
+    md, keys, by_budget, _ = compare_budgets.compare(compare_budgets.load_budgets([f"3={a}", f"8={b}"]),
+                                                     compare_families=["robust"], against="pgd", ratio=1.5, max_drop=0.03)
+    assert "budget 3: two runs with the same settings" in caplog.text
+    assert len(keys) == 2 and value_of(by_budget["3"], "pgd") == 0.81  # the later row is used, and said so
+
+
+def value_of(rows_by_key: dict, family: str) -> float:
+    (row,) = [r for r in rows_by_key.values() if r["family"] == family]
+    return row["test_acc"]
