@@ -59,6 +59,9 @@ def load_budgets(specs: list[str]) -> list[tuple[str, list[dict[str, Any]]]]:
             rows = json.loads(f.read_text())["rows"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{spec}: {f} is not a summarize_runs.py rows.json ({type(err).__name__}: {err})") from err
+        bad = [i for i, r in enumerate(rows) if not isinstance(r, dict) or not {"family", "method", "test_acc"} <= r.keys()]
+        if bad:
+            raise ValueError(f"{spec}: rows {bad[:5]} of {f} lack family/method/test_acc (re-make it with scripts/summarize_runs.py)")
         out.append((label, rows))
     if len(out) < 2:
         raise ValueError("give at least two budgets (LABEL=PATH LABEL=PATH ...)")

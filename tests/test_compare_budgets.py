@@ -65,6 +65,9 @@ def test_bad_arguments_are_one_line_errors(tmp_path, caplog):
     good = _write(tmp_path / "good", [_row("pgd", 0.8, 0.05, 0.03)])
     assert compare_budgets.main([f"3={good}", "--out", str(tmp_path / "o")]) == 2
     assert "at least two budgets" in caplog.text
+    broken = _write(tmp_path / "broken", [{"family": "pgd"}])
+    assert compare_budgets.main([f"3={good}", f"8={broken}", "--out", str(tmp_path / "o")]) == 2
+    assert "lack family/method/test_acc" in caplog.text
 
 
 def test_duplicate_settings_within_a_budget_warn(tmp_path, caplog):
