@@ -10,7 +10,9 @@ Each run of ``+experiment=bench_*`` writes ``bench.json`` (lightning_modules/ben
 folder below the given directories is found. Writes ``DIR/summary.md`` (tables), ``DIR/rows.json``
 (the rows, without per-image r_i) and ``DIR/tradeoff.png`` (clean accuracy against BTR ARA and
 against the ensemble Attack ARA, 95% CIs, one colour per method family, lines through each
-family's sweep and the Pareto frontier of all runs).
+family's sweep and the Pareto frontier of all runs). Runs with the same settings and different
+seeds are labelled ``seed=N``; the summary then adds a table of seed means and the target check
+on those means.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ def row_from_bench(path: Path, b: dict) -> dict[str, Any]:
         "family": b.get("method_name") or (b.get("method") or {}).get("name", "?"),
         "method": _flat(b.get("method") or {}),
         "overrides": b.get("overrides", ""),
+        "seed": b.get("seed"),
         "test_acc": b.get("test_acc"),
         "eval_acc": e.get("accuracy"),
         "num_images": e.get("num_images"),
@@ -126,16 +129,53 @@ def rows_from_wandb(path: str, group: str | None) -> list[dict[str, Any]]:
         return []
 
 
+def _settings_key(r: dict[str, Any]) -> str:
+    return r["family"] + json.dumps({k: r["method"].get(k) for k in SWEEP_KEYS}, sort_keys=True)
+
+
 def label_rows(rows: list[dict[str, Any]]) -> None:
-    """Give each row a short label: family plus the sweep settings that vary within its family."""
+    """Give each row a short label: family plus the sweep settings that vary within its family.
+
+    ``base_label`` / ``base_setting`` name the settings only; where runs with the same settings
+    differ in their seed, ``label`` and ``setting`` also carry ``seed=N``.
+    """
     fams: dict[str, list[dict]] = {}
     for r in rows:
         fams.setdefault(r["family"], []).append(r)
+    same: dict[str, set] = {}
+    for r in rows:
+        same.setdefault(_settings_key(r), set()).add(r.get("seed"))
     for fam, rs in fams.items():
         varying = [k for k in SWEEP_KEYS if len({json.dumps(r["method"].get(k)) for r in rs}) > 1]
         for r in rs:
-            r["setting"] = ", ".join(f"{SHORT.get(k, k)}={r['method'].get(k)}" for k in varying)
+            r["base_setting"] = ", ".join(f"{SHORT.get(k, k)}={r['method'].get(k)}" for k in varying)
+            r["base_label"] = fam + (f" ({r['base_setting']})" if r["base_setting"] else "")
+            seeded = len(same[_settings_key(r)]) > 1
+            r["setting"] = ", ".join(x for x in (r["base_setting"], f"seed={r.get('seed')}" if seeded else "") if x)
             r["label"] = fam + (f" ({r['setting']})" if r["setting"] else "")
+
+
+def seed_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per family and settings: accuracy and ARAs averaged over its seeds (call after :func:`label_rows`).
+
+    Each ARA becomes (mean, smallest, largest) over the seeds (not a CI); ``seeds`` lists them.
+    A setting run with one seed passes through with its own values.
+    """
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(_settings_key(r), []).append(r)
+    out = []
+    for rs in groups.values():
+        m = {k: rs[0][k] for k in ("family", "method", "base_setting", "base_label")}
+        m.update(label=m["base_label"], setting=m["base_setting"], seeds=sorted(str(r.get("seed")) for r in rs))
+        accs = [r["test_acc"] for r in rs if r["test_acc"] is not None]
+        m["test_acc"] = sum(accs) / len(accs) if len(accs) == len(rs) else None
+        m["test_acc_range"] = (min(accs), max(accs)) if accs else None
+        for k in ("attack", "btr", "ensemble"):
+            vals = [r[k][0] for r in rs if r[k]]
+            m[k] = (sum(vals) / len(vals), min(vals), max(vals)) if vals and len(vals) == len(rs) else None
+        out.append(m)
+    return out
 
 
 def _fmt(x, nd=4) -> str:
@@ -199,7 +239,12 @@ def reference_rows(dirs: list[Path]) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown(rows: list[dict], refs: list[dict], checks: list[str], eps_keys: list[str]) -> str:
+def _fmt_range(a) -> str:
+    return "" if a is None else f"{a[0]:.4f} [{a[1]:.4f}, {a[2]:.4f}]"
+
+
+def markdown(rows: list[dict], refs: list[dict], checks: list[str], eps_keys: list[str],
+             means: list[dict] | None = None, mean_checks: list[str] | None = None) -> str:
     out = []
     if rows:
         n = {r["num_images"] for r in rows}
@@ -226,6 +271,18 @@ def markdown(rows: list[dict], refs: list[dict], checks: list[str], eps_keys: li
     if checks:
         out.append("\nTarget check (BTR ARA of the best robust/all run within 3 accuracy points, against each PGD-AT run):\n")
         out.extend(checks)
+    if means and any(len(m["seeds"]) > 1 for m in means):
+        out.append("\nSeed means (settings run with several seeds; [smallest, largest] over the seeds, not a CI):\n")
+        out.append("| method | setting | seeds | test acc [range] | attack ARA [range] | BTR ARA [range] | ensemble ARA [range] |")
+        out.append("|---|---|---|---|---|---|---|")
+        for m in means:
+            if len(m["seeds"]) > 1:
+                acc = None if m["test_acc"] is None else (m["test_acc"], *m["test_acc_range"])
+                out.append(f"| {m['family']} | {m['setting'] or 'default'} | {', '.join(m['seeds'])} | {_fmt_range(acc)} | "
+                           f"{_fmt_range(m['attack'])} | {_fmt_range(m['btr'])} | {_fmt_range(m['ensemble'])} |")
+        if mean_checks:
+            out.append("\nTarget check on seed means (each setting's mean over its seeds; one-seed settings as they are):\n")
+            out.extend(mean_checks)
     if refs:
         out.append("\nReference networks (eval.py JSONs):\n")
         out.append("| network | images | protocol | accuracy | attack ARA [95% CI] | BTR ARA [95% CI] | ensemble ARA [95% CI] |")
@@ -314,9 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     label_rows(rows)
     eps_keys = sorted({k for r in rows for k in r["robust_acc"]}, key=float)
     checks = target_check(rows, args.compare.split(","), args.against, args.ratio, args.max_drop) if rows else []
+    means = seed_means(rows)
+    seeded = any(len(m["seeds"]) > 1 for m in means)
+    mean_checks = target_check(means, args.compare.split(","), args.against, args.ratio, args.max_drop) if seeded else []
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.md").write_text(markdown(rows, refs, checks, eps_keys))
-    (args.out / "rows.json").write_text(json.dumps({"rows": rows, "reference": refs}, indent=1))
+    (args.out / "summary.md").write_text(markdown(rows, refs, checks, eps_keys, means, mean_checks))
+    (args.out / "rows.json").write_text(json.dumps({"rows": rows, "reference": refs, **({"seed_means": means} if seeded else {})}, indent=1))
     if rows:
         plot(rows, args.out / "tradeoff.png", args.title)
     print((args.out / "summary.md").read_text())

@@ -74,6 +74,34 @@ def test_pareto_and_target_check():
     assert "2.00x" in summarize_runs.target_check(edge, ["robust"], "pgd", 1.5, 0.03)[0]
 
 
+def test_seed_labels_and_seed_means():
+    def row(fam, seed, acc, btr, **method):
+        return {"family": fam, "method": {"l_target": 0.5, **method}, "seed": seed, "test_acc": acc,
+                "attack": None, "btr": (btr, btr - 0.01, btr + 0.01), "ensemble": None}
+
+    rows = [row("pgd", 1234, 0.88, 0.060, **{"adversarial.eps": 0.02}), row("pgd", 2, 0.86, 0.064, **{"adversarial.eps": 0.02}),
+            row("pgd", 1234, 0.90, 0.040, **{"adversarial.eps": 0.009}),
+            row("all", 1234, 0.846, 0.088), row("all", 2, 0.842, 0.100), row("all", 1234, 0.80, 0.12, l_target=1.0)]
+    summarize_runs.label_rows(rows)
+    # The seed enters a label only where runs with the same settings differ in it.
+    assert [r["label"] for r in rows] == ["pgd (eps=0.02, seed=1234)", "pgd (eps=0.02, seed=2)", "pgd (eps=0.009)",
+                                          "all (l_target=0.5, seed=1234)", "all (l_target=0.5, seed=2)", "all (l_target=1.0)"]
+    means = {m["label"]: m for m in summarize_runs.seed_means(rows)}
+    assert set(means) == {"pgd (eps=0.02)", "pgd (eps=0.009)", "all (l_target=0.5)", "all (l_target=1.0)"}
+    m = means["all (l_target=0.5)"]
+    assert m["seeds"] == ["1234", "2"] and m["test_acc"] == pytest.approx(0.844) and m["test_acc_range"] == (0.842, 0.846)
+    assert m["btr"] == pytest.approx((0.094, 0.088, 0.100))
+    assert means["all (l_target=1.0)"]["btr"] == pytest.approx((0.12, 0.12, 0.12))
+    # Per run, no all run is within 3 points of pgd seed 1234 (0.88); on the means (0.844 vs 0.87) one is:
+    # 0.094 / 0.062 = 1.52x.
+    per_run = summarize_runs.target_check(rows, ["all"], "pgd", 1.5, 0.03)
+    assert any(line.startswith("- vs pgd (eps=0.02, seed=1234)") and "no all run" in line for line in per_run)
+    (line,) = [x for x in summarize_runs.target_check(list(means.values()), ["all"], "pgd", 1.5, 0.03) if "eps=0.02" in x]
+    assert "1.52x" in line and "**met**" in line
+    md = summarize_runs.markdown([], [], [], [], list(means.values()), ["- a check"])
+    assert "Seed means" in md and "| all | l_target=0.5 | 1234, 2 | 0.8440 [0.8420, 0.8460] |" in md and "- a check" in md
+
+
 @pytest.mark.skipif(not FMNIST.is_dir(), reason=f"needs {FMNIST}")
 def test_bench_smoke_multirun_to_summary(tmp_path):
     sweep = tmp_path / "sweep"
