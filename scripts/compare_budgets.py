@@ -34,7 +34,7 @@ QUANTITIES = [("test_acc", "test acc"), ("btr", "BTR ARA"), ("ensemble", "ensemb
 
 def run_key(row: dict[str, Any]) -> str:
     """Identity of a run across budgets: its family and the settings that name a sweep point."""
-    return json.dumps([row["family"], [row["method"].get(k) for k in sr.SWEEP_KEYS]])
+    return sr.settings_key(row)
 
 
 def value(row: dict[str, Any] | None, key: str) -> float | None:

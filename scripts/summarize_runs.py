@@ -129,8 +129,19 @@ def rows_from_wandb(path: str, group: str | None) -> list[dict[str, Any]]:
         return []
 
 
-def _settings_key(r: dict[str, Any]) -> str:
-    return r["family"] + json.dumps({k: r["method"].get(k) for k in SWEEP_KEYS}, sort_keys=True)
+def setting_value(v: Any) -> Any:
+    """A sweep setting as compared and printed: numbers as floats (``psi0=440`` from the command line equals the config's 440.0)."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
+def _show(v: Any) -> str:
+    v = setting_value(v)
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def settings_key(r: dict[str, Any]) -> str:
+    """Identity of a run's settings: its family and the sweep settings (not the seed)."""
+    return json.dumps([r["family"], [setting_value(r["method"].get(k)) for k in SWEEP_KEYS]])
 
 
 def label_rows(rows: list[dict[str, Any]]) -> None:
@@ -144,13 +155,13 @@ def label_rows(rows: list[dict[str, Any]]) -> None:
         fams.setdefault(r["family"], []).append(r)
     same: dict[str, set] = {}
     for r in rows:
-        same.setdefault(_settings_key(r), set()).add(r.get("seed"))
+        same.setdefault(settings_key(r), set()).add(r.get("seed"))
     for fam, rs in fams.items():
-        varying = [k for k in SWEEP_KEYS if len({json.dumps(r["method"].get(k)) for r in rs}) > 1]
+        varying = [k for k in SWEEP_KEYS if len({json.dumps(setting_value(r["method"].get(k))) for r in rs}) > 1]
         for r in rs:
-            r["base_setting"] = ", ".join(f"{SHORT.get(k, k)}={r['method'].get(k)}" for k in varying)
+            r["base_setting"] = ", ".join(f"{SHORT.get(k, k)}={_show(r['method'].get(k))}" for k in varying)
             r["base_label"] = fam + (f" ({r['base_setting']})" if r["base_setting"] else "")
-            seeded = len(same[_settings_key(r)]) > 1
+            seeded = len(same[settings_key(r)]) > 1
             r["setting"] = ", ".join(x for x in (r["base_setting"], f"seed={r.get('seed')}" if seeded else "") if x)
             r["label"] = fam + (f" ({r['setting']})" if r["setting"] else "")
 
@@ -163,7 +174,7 @@ def seed_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        groups.setdefault(_settings_key(r), []).append(r)
+        groups.setdefault(settings_key(r), []).append(r)
     out = []
     for rs in groups.values():
         m = {k: rs[0][k] for k in ("family", "method", "base_setting", "base_label")}

@@ -81,17 +81,18 @@ def test_seed_labels_and_seed_means():
 
     rows = [row("pgd", 1234, 0.88, 0.060, **{"adversarial.eps": 0.02}), row("pgd", 2, 0.86, 0.064, **{"adversarial.eps": 0.02}),
             row("pgd", 1234, 0.90, 0.040, **{"adversarial.eps": 0.009}),
-            row("all", 1234, 0.846, 0.088), row("all", 2, 0.842, 0.100), row("all", 1234, 0.80, 0.12, l_target=1.0)]
+            row("all", 1234, 0.846, 0.088, psi0=220.0), row("all", 2, 0.842, 0.100, psi0=220),  # 220 from a command line
+            row("all", 1234, 0.80, 0.12, l_target=1.0, psi0=220.0)]
     summarize_runs.label_rows(rows)
     # The seed enters a label only where runs with the same settings differ in it.
     assert [r["label"] for r in rows] == ["pgd (eps=0.02, seed=1234)", "pgd (eps=0.02, seed=2)", "pgd (eps=0.009)",
-                                          "all (l_target=0.5, seed=1234)", "all (l_target=0.5, seed=2)", "all (l_target=1.0)"]
+                                          "all (l_target=0.5, seed=1234)", "all (l_target=0.5, seed=2)", "all (l_target=1)"]
     means = {m["label"]: m for m in summarize_runs.seed_means(rows)}
-    assert set(means) == {"pgd (eps=0.02)", "pgd (eps=0.009)", "all (l_target=0.5)", "all (l_target=1.0)"}
+    assert set(means) == {"pgd (eps=0.02)", "pgd (eps=0.009)", "all (l_target=0.5)", "all (l_target=1)"}
     m = means["all (l_target=0.5)"]
     assert m["seeds"] == ["1234", "2"] and m["test_acc"] == pytest.approx(0.844) and m["test_acc_range"] == (0.842, 0.846)
     assert m["btr"] == pytest.approx((0.094, 0.088, 0.100))
-    assert means["all (l_target=1.0)"]["btr"] == pytest.approx((0.12, 0.12, 0.12))
+    assert means["all (l_target=1)"]["btr"] == pytest.approx((0.12, 0.12, 0.12))
     # Per run, no all run is within 3 points of pgd seed 1234 (0.88); on the means (0.844 vs 0.87) one is:
     # 0.094 / 0.062 = 1.52x.
     per_run = summarize_runs.target_check(rows, ["all"], "pgd", 1.5, 0.03)
@@ -138,3 +139,12 @@ def test_bench_smoke_multirun_to_summary(tmp_path):
     assert "| standard |" in md and "| robust |" in md and "BTR ARA" in md
     assert (out / "tradeoff.png").stat().st_size > 10_000
     assert len(json.loads((out / "rows.json").read_text())["rows"]) == 2
+
+
+def test_recheck_paper_protocol_rejects_non_run_folders(tmp_path):
+    script = str(ROOT / "scripts" / "recheck_paper_protocol.sh")
+    proc = subprocess.run(["bash", script], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and proc.stdout.strip().startswith("usage:")
+    (tmp_path / "bench.json").write_text("{}")  # a run folder needs its exported model too
+    proc = subprocess.run(["bash", script, str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "no bench.json + model.safetensors" in proc.stdout and len(proc.stdout.strip().splitlines()) == 1

@@ -52,7 +52,7 @@ def test_order_agreement_and_target_check(tmp_path):
     assert (out / "budgets.png").stat().st_size > 0
     assert "| 3 -> 8 | " in md and "1.00 (4 runs)" in md
     # The union labels name the robust sweep point, and the run missing at 3 minutes has an empty cell.
-    assert "| robust (l_target=3.0) |  | 0.6000 |" in md
+    assert "| robust (l_target=3) |  | 0.6000 |" in md
     # Target check at 3: vs pgd eps=0.009 (0.80, BTR 0.05) the robust run (0.79, 0.09) gives 1.80x.
     assert "= **1.80x** -> **met**" in md.split("**8**")[0]
 

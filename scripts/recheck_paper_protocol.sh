@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Re-evaluate benchmark runs' BTR ARA with the paper's full search protocol (T=450, path 20, momentum 0.9)
+# on the same test images as their bench.json (eval.py draws them with the same fixed seed), and table it
+# against the benchmark's (fast-protocol) BTR ARA. Two lanes, one thread each. BENCHMARKS.md uses it.
+#   OUT=logs/eval/paper500 bash scripts/recheck_paper_protocol.sh RUN_DIR [RUN_DIR...]     (RUN_DIR holds bench.json + model.safetensors)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-logs/eval/paper500}
+N=${N:-500}
+DATA=${DATA:-$(cd ../shared/datasets/fashion-mnist 2>/dev/null && pwd || echo null)}
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 WANDB_MODE=${WANDB_MODE:-offline}
+[ $# -gt 0 ] || { echo "usage: OUT=DIR bash scripts/recheck_paper_protocol.sh RUN_DIR [RUN_DIR...]"; exit 2; }
+for d in "$@"; do
+  [ -f "$d/bench.json" ] && [ -f "$d/model.safetensors" ] || { echo "$d: no bench.json + model.safetensors there (a benchmark run folder is needed)"; exit 2; }
+done
+one() {
+  local d=$1 name
+  name=$(echo "${d%/}" | sed 's#^logs/train/multiruns/##' | tr '/' '_')
+  "$PY" eval.py ckpt="$d/model.safetensors" data=fashion_mnist data.root="$DATA" ara.protocol=paper ara.num_images="$N" \
+    'ara.modes=[btr]' 'cross_check.attacks=[]' ara.threads=1 hydra.run.dir="$OUT/$name" > "$OUT/$name.log" 2>&1 \
+    && echo "$name: done" || { echo "$name: eval.py failed (see $OUT/$name.log)"; return 1; }
+}
+mkdir -p "$OUT"
+lane() { local rc=0; for d in "$@"; do one "$d" || rc=1; done; return $rc; }
+args=("$@"); a=(); b=()
+for i in "${!args[@]}"; do if (( i % 2 == 0 )); then a+=("${args[$i]}"); else b+=("${args[$i]}"); fi; done
+lane "${a[@]}" & pa=$!
+if [ ${#b[@]} -gt 0 ]; then lane "${b[@]}" & pb=$!; wait $pb || true; fi
+wait $pa || true
+"$PY" - "$OUT" <<'EOF' | tee "$OUT/table.md"
+import json, sys
+from pathlib import Path
+print("| run | method | seed | test acc | BTR ARA bench (its protocol) | BTR ARA paper [95% CI] | paper / bench | s |")
+print("|---|---|---|---|---|---|---|---|")
+for f in sorted(Path(sys.argv[1]).glob("*/model.json")):
+    j = json.loads(f.read_text())
+    run = Path(j["checkpoint"]).parent
+    b = json.loads((run / "bench.json").read_text())
+    if j["accuracy"] != b["eval"]["accuracy"] or j["num_images"] != b["eval"]["num_images"]:
+        print(f"<!-- {run}: not the benchmark's images (accuracy {j['accuracy']} vs {b['eval']['accuracy']}) -->")
+    fast, p = b["eval"]["btr"]["ara"], j["btr"]
+    print(f"| {f.parent.name} | {b['method_name']} | {b.get('seed')} | {b['test_acc']:.4f} | {fast:.4f} ({b['eval']['settings']['protocol']}) | "
+          f"{p['ara']:.4f} [{p['ara_ci_low']:.4f}, {p['ara_ci_high']:.4f}] | {p['ara'] / fast:.3f} | {j['seconds']:.0f} |")
+EOF
