@@ -250,10 +250,6 @@ def reference_rows(dirs: list[Path]) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt_range(a) -> str:
-    return "" if a is None else f"{a[0]:.4f} [{a[1]:.4f}, {a[2]:.4f}]"
-
-
 def markdown(rows: list[dict], refs: list[dict], checks: list[str], eps_keys: list[str],
              means: list[dict] | None = None, mean_checks: list[str] | None = None) -> str:
     out = []
@@ -289,8 +285,8 @@ def markdown(rows: list[dict], refs: list[dict], checks: list[str], eps_keys: li
         for m in means:
             if len(m["seeds"]) > 1:
                 acc = None if m["test_acc"] is None else (m["test_acc"], *m["test_acc_range"])
-                out.append(f"| {m['family']} | {m['setting'] or 'default'} | {', '.join(m['seeds'])} | {_fmt_range(acc)} | "
-                           f"{_fmt_range(m['attack'])} | {_fmt_range(m['btr'])} | {_fmt_range(m['ensemble'])} |")
+                out.append(f"| {m['family']} | {m['setting'] or 'default'} | {', '.join(m['seeds'])} | {_fmt_ara(acc)} | "
+                           f"{_fmt_ara(m['attack'])} | {_fmt_ara(m['btr'])} | {_fmt_ara(m['ensemble'])} |")
         if mean_checks:
             out.append("\nTarget check on seed means (each setting's mean over its seeds; one-seed settings as they are):\n")
             out.extend(mean_checks)
