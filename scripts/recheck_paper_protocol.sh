@@ -37,8 +37,11 @@ for f in sorted(Path(sys.argv[1]).glob("*/model.json")):
     j = json.loads(f.read_text())
     run = Path(j["checkpoint"]).parent
     b = json.loads((run / "bench.json").read_text())
-    if j["accuracy"] != b["eval"]["accuracy"] or j["num_images"] != b["eval"]["num_images"]:
-        print(f"<!-- {run}: not the benchmark's images (accuracy {j['accuracy']} vs {b['eval']['accuracy']}) -->")
+    e = b["eval"]
+    # Same images: the same draw (seed and count), checked once more through the clean accuracy.
+    if (j["data"].get("val_seed"), j["num_images"], j["accuracy"]) != (e.get("ids_seed"), e["num_images"], e["accuracy"]):
+        print(f"<!-- {run}: not the benchmark's images (seed {j['data'].get('val_seed')} vs {e.get('ids_seed')}, "
+              f"{j['num_images']} vs {e['num_images']} images, accuracy {j['accuracy']} vs {e['accuracy']}) -->")
     fast, p = b["eval"]["btr"]["ara"], j["btr"]
     print(f"| {f.parent.name} | {b['method_name']} | {b.get('seed')} | {b['test_acc']:.4f} | {fast:.4f} ({b['eval']['settings']['protocol']}) | "
           f"{p['ara']:.4f} [{p['ara_ci_low']:.4f}, {p['ara_ci_high']:.4f}] | {p['ara'] / fast:.3f} | {j['seconds']:.0f} |")
