@@ -1,6 +1,7 @@
 """Time one training step per method, as a ratio to a plain fp32 eager step measured in the same run.
 
     .venv/bin/python bench/bench_train_step.py [--models resnet44 small_cnn] [--batch 128] [--repeats 5]
+    python bench/bench_train_step.py --device cuda     # on a GPU (TF32 off: plain fp32 is the yardstick)
 
 Methods: plain (standard CE, fp32, eager: the yardstick), robust (penalty + HHReLU + adaptive
 psi), all (robust + L2,min adversarial training + half-and-half), and all with
@@ -60,26 +61,34 @@ def make(model_name: str, activation: str, channels_last: bool):  # noqa: D103
     return m, shape
 
 
-def time_step(model_name: str, method: dict, *, batch: int, repeats: int, bf16: bool, cl: bool) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(model_name: str, method: dict, *, batch: int, repeats: int, bf16: bool, cl: bool,
+              device: torch.device = torch.device("cpu")) -> float:
     cfg = MethodConfig.from_dict(method)
     model, shape = make(model_name, cfg.activation, cl)
-    model.train()
+    model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     psi = cfg.make_psi()
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, *shape, generator=gen)
-    y = torch.randint(10, (batch,), generator=gen)
+    x = torch.rand(batch, *shape, generator=gen).to(device)
+    y = torch.randint(10, (batch,), generator=gen).to(device)
     if cl:
         x = x.contiguous(memory_format=torch.channels_last)
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     times = []
     for i in range(repeats + 2):
+        _sync(device)
         t0 = time.perf_counter()
         with ctx:
             out = training_loss(model, x, y, cfg, psi)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
+        _sync(device)
         if i >= 2:  # warm-up
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -94,11 +103,20 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), help="subset of: %(default)s")
     ap.add_argument("--paths", nargs="+", default=list(PATHS), help="subset of: %(default)s")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda but CUDA is not available here; use --device cpu.")
+        # The yardstick is true fp32; TF32 would make "plain fp32" a reduced-precision path.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True
     rows = []
     for model_name in args.models:
-        base = time_step(model_name, METHODS["plain"], batch=args.batch, repeats=args.repeats, bf16=False, cl=False)
+        base = time_step(model_name, METHODS["plain"], batch=args.batch, repeats=args.repeats, bf16=False, cl=False,
+                         device=device)
         for path, (bf16, cl) in PATHS.items():
             if path not in args.paths:
                 continue
@@ -106,7 +124,7 @@ def main() -> None:
                 if name not in args.methods and name != "plain":
                     continue
                 t = base if (name == "plain" and not bf16 and not cl) else time_step(
-                    model_name, method, batch=args.batch, repeats=args.repeats, bf16=bf16, cl=cl
+                    model_name, method, batch=args.batch, repeats=args.repeats, bf16=bf16, cl=cl, device=device
                 )
                 rows.append(
                     {
@@ -117,14 +135,15 @@ def main() -> None:
                         "ratio_to_plain_fp32": t / base,
                     }
                 )
-    print(f"# train step, batch {args.batch}, {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"# train step, batch {args.batch}, {torch.get_num_threads()} threads, torch {torch.__version__}, {where}")
     print("| model | method | path | s/step | x plain fp32 |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['method']} | {r['path']} | {r['seconds']:.3f} | {r['ratio_to_plain_fp32']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"batch": args.batch, "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
+            json.dump({"batch": args.batch, "threads": torch.get_num_threads(), "device": where, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

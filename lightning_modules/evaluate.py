@@ -80,11 +80,13 @@ def _cache_key(path: Path, settings: dict, data: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def _versions() -> dict[str, str]:
+def _versions(device: str = "cpu") -> dict[str, str]:
     import pytorch_lightning
 
+    where = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else platform.machine()
     return {"python": platform.python_version(), "torch": torch.__version__, "pytorch_lightning": pytorch_lightning.__version__,
-            "robustx": robustx.__version__, "machine": platform.machine(), "threads": str(torch.get_num_threads())}
+            "robustx": robustx.__version__, "machine": platform.machine(), "threads": str(torch.get_num_threads()),
+            "device": where}
 
 
 def _load_cached(path: Path | None) -> dict | None:
@@ -118,13 +120,18 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
     """
     from tqdm.auto import tqdm
 
+    rank, world = _dist()
+    if device == "cuda" and world > 1:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"  # one GPU per torchrun process
+    if device.startswith("cuda") and not settings["bf16"]:
+        # The full-precision path means fp32: cuDNN's default TF32 convolutions would not be.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     model, info = load_classifier(path)
     model.to(device)
     if settings["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     start = time.time()
     batches = [ids[i : i + settings["batch_size"]] for i in range(0, len(ids), settings["batch_size"])]
-    rank, world = _dist()
     if world > 1 and cache_dir is None:
         raise ValueError("eval.py under torchrun needs cache=true: the cache folder is how ranks share results.")
     results: list[dict[str, list] | None] = []
@@ -283,6 +290,8 @@ def plot_curves(results: list[dict[str, Any]], png: Path, modes: list[str]) -> N
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     paths = checkpoint_paths(cfg.ckpt)
     settings = _settings(cfg)
+    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg.device} but CUDA is not available here; use device=cpu.")
     if cfg.ara.get("threads"):
         torch.set_num_threads(int(cfg.ara.threads))
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
@@ -306,7 +315,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         if res is None:  # a non-zero torchrun rank: rank 0 writes the outputs
             continue
         res.update({"settings": settings, "data": {k: data_cfg.get(k) for k in ("_target_", "root", "limit_test", "val_seed")},
-                    "num_classes": int(dm.num_classes), "versions": _versions()})
+                    "num_classes": int(dm.num_classes), "versions": _versions(str(cfg.device))})
         stem = p.stem
         tmp = out_dir / f".{stem}.json.tmp"
         tmp.write_text(json.dumps(res, indent=1))

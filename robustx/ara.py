@@ -185,10 +185,11 @@ def minimal_perturbation(
     if refine < 0:
         raise ValueError(f"refine must be >= 0 bisection steps, got {refine}.")
     b = images.size(0)
-    best_r = torch.full((b,), math.inf, device=images.device)
+    # r in the images' precision (a float64 search, as in gradcheck-style checks, keeps float64).
+    best_r = torch.full((b,), math.inf, device=images.device, dtype=images.dtype)
     best_delta = torch.zeros_like(images)
     first = torch.full((b,), -1, dtype=torch.long, device=images.device)
-    max_r = torch.zeros(b, device=images.device)
+    max_r = torch.zeros(b, device=images.device, dtype=images.dtype)
 
     # Full precision decides which images fail unperturbed (r = 0): a bf16 or compiled search can
     # see a clean image a hair across the boundary that fp32 classifies correctly.

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .penalty import draw_device
+
 __all__ = [
     "rmse",
     "step_sizes",
@@ -68,7 +70,8 @@ def criterion_mask(
 
 def half_and_half_mask(batch: int, *, p: float = 0.5, device=None, generator=None) -> torch.Tensor:
     """(B,) bool: which examples are perturbed under half-and-half adversarial training."""
-    return torch.rand(batch, device=device, generator=generator) < p
+    device = torch.device("cpu") if device is None else torch.device(device)
+    return torch.rand(batch, device=draw_device(generator, device), generator=generator).to(device) < p
 
 
 def engine_attack(
@@ -180,10 +183,11 @@ def pgd_l2(
         return images
     alpha = 2.5 * eps / steps if step_size is None else step_size
     if random_start:
-        delta = torch.randn(images.shape, device=images.device, generator=generator)
+        on = draw_device(generator, images.device)
+        delta = torch.randn(images.shape, device=on, generator=generator).to(images.device)
         n = images[0].numel()
         # Uniform in the ball: direction uniform on the sphere, radius ~ U^(1/n).
-        radius = torch.rand(images.size(0), device=images.device, generator=generator) ** (1.0 / n)
+        radius = torch.rand(images.size(0), device=on, generator=generator).to(images.device) ** (1.0 / n)
         delta = delta / rmse(delta).view(-1, 1, 1, 1) * (eps * radius).view(-1, 1, 1, 1)
     else:
         delta = torch.zeros_like(images)
@@ -215,7 +219,7 @@ def trades_adversary(
     alpha = 2.5 * eps / steps if step_size is None else step_size
     with torch.no_grad():
         p_clean = F.softmax(model(images).float(), dim=1)
-    delta = 0.001 * torch.randn(images.shape, device=images.device, generator=generator)
+    delta = 0.001 * torch.randn(images.shape, device=draw_device(generator, images.device), generator=generator).to(images.device)
     loss_fn = lambda logits: F.kl_div(F.log_softmax(logits.float(), dim=1), p_clean, reduction="sum")  # noqa: E731
     return _l2_ascent(model, images, delta, loss_fn, eps=eps, steps=steps, alpha=alpha, clip=clip)
 

@@ -158,7 +158,7 @@ def slic_feature_mask(image: Tensor, n_segments: int) -> Tensor:
     return torch.from_numpy(ids.reshape(seg.shape).astype(np.int64))[None, None].to(image.device)  # (1, 1, H, W)
 
 
-def _lime_model(num_features: int):
+def _lime_model(num_features: int, device: torch.device | str = "cpu"):
     """captum's torch-trained least-squares surrogate, with training settings that converge for S features.
 
     captum's default surrogate (SkLearnLasso) needs scikit-learn, which robustx does not
@@ -167,6 +167,8 @@ def _lime_model(num_features: int):
     curvature) of LIME's design (S Bernoulli(0.5) features plus a bias: about S / 4 + 1.5) and
     the epochs to 10 (S + 6), enough for the slowest direction (curvature about 1/4); checked
     against a linear model, whose LIME weights are known exactly (tests/test_attribution.py).
+    The surrogate lives on ``device``, where captum puts LIME's samples (the images' device):
+    captum builds its linear layer on the CPU and its ``device`` option moves only the data.
     """
     from captum._utils.models.linear_model import SGDLinearRegression
 
@@ -176,6 +178,10 @@ def _lime_model(num_features: int):
     class _Converged(SGDLinearRegression):
         def fit(self, train_data, **kwargs):
             return super().fit(train_data, **{**settings, **kwargs})
+
+        def _construct_model_params(self, *args, **kwargs):
+            super()._construct_model_params(*args, **kwargs)
+            self.to(device)
 
     return _Converged()
 
@@ -288,7 +294,7 @@ def _compute(model, images, targets, *, method, layer, rho, ae_steps, ig_steps, 
         out = []
         for i in range(b):
             mask = slic_feature_mask(images[i], lime_segments)  # (1, 1, H, W)
-            lime = Lime(model, interpretable_model=_lime_model(int(mask.max()) + 1))
+            lime = Lime(model, interpretable_model=_lime_model(int(mask.max()) + 1, images.device))
             attr = lime.attribute(
                 images[i : i + 1], target=targets[i : i + 1], feature_mask=mask, n_samples=lime_samples,
                 perturbations_per_eval=min(lime_samples, 50), baselines=0.0, return_input_shape=True,

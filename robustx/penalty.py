@@ -37,16 +37,23 @@ def select_outputs(
     return _apply_selection(logits, labels, _selection(logits, labels, zeta=zeta, generator=generator))
 
 
+def draw_device(generator: torch.Generator | None, default: torch.device) -> torch.device:
+    """Where to draw random numbers: on ``generator``'s device if one is given (a CPU generator
+    then drives a CUDA run too, the draws moved after), else on ``default``."""
+    return default if generator is None else generator.device
+
+
 def _selection(logits: torch.Tensor, labels: torch.Tensor, *, zeta: float, generator: torch.Generator | None):
     """Draw which output each example penalizes: (pick (B,), tandem (B,) bool or None, runner-up (B,) or None)."""
     b, c = logits.shape
-    pick = torch.randint(c, (b,), device=logits.device, generator=generator)
+    on = draw_device(generator, logits.device)
+    pick = torch.randint(c, (b,), device=on, generator=generator).to(logits.device)
     if zeta == 0:
         return pick, None, None
     # Mask the true class out of the max without touching the graph of the others.
     others = logits.detach().masked_fill(nn.functional.one_hot(labels, c).bool(), float("-inf"))
     runner_up = others.argmax(1)
-    tandem = torch.rand(b, device=logits.device, generator=generator) < zeta
+    tandem = torch.rand(b, device=on, generator=generator).to(logits.device) < zeta
     return pick, tandem, runner_up
 
 

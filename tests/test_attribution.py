@@ -150,3 +150,13 @@ def test_slic_mask_is_contiguous_for_rgb_gray_and_noise():
         ids = mask.unique()
         assert torch.equal(ids, torch.arange(len(ids)))
         assert len(ids) >= 5  # noise does not collapse to one segment
+
+
+def test_lime_surrogate_lives_on_the_images_device():
+    # captum builds the surrogate's linear layer on the CPU and moves only LIME's samples to a
+    # `device`; ours follows the images (a CUDA run failed with a device mismatch before).
+    from robustx.attribution import _lime_model
+
+    m = _lime_model(4, torch.device("meta"))
+    m._construct_model_params(in_features=4, out_features=1)
+    assert m.linear.weight.device.type == "meta"
