@@ -6,7 +6,8 @@
 
 Each argument is LABEL=PATH, PATH a ``scripts/summarize_runs.py`` output folder (its rows.json) or a
 rows.json file, LABEL the budget's name (minutes, say), in increasing budget order. Runs are matched
-across budgets by method family and sweep settings (the method config, not the printed label).
+across budgets by method family and sweep settings (the method config, not the printed label);
+runs of the same settings within a budget (seeds) are compared on their means.
 Writes ``DIR/budgets.md``: per run, test accuracy, BTR ARA and ensemble Attack ARA at each budget;
 Kendall's tau between consecutive budgets of the runs' order by each quantity (1 = same order,
 computed over the runs present at both); the equal-compute target check of summarize_runs.py at each
@@ -42,6 +43,31 @@ def value(row: dict[str, Any] | None, key: str) -> float | None:
         return None
     v = row[key]
     return float(v[0] if isinstance(v, list) else v)
+
+
+def seed_merged(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{run key: row}, runs with the same settings (seeds) merged into one row of their means.
+
+    The merged row's accuracy is the mean over the runs, each ARA [mean, smallest, largest]
+    (as summarize_runs.py's seed-mean table); ``seeds_merged`` counts the runs. A run that is
+    alone keeps its own row. A quantity some of the runs lack is left out (None).
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(run_key(r), []).append(r)
+    out = {}
+    for k, rs in groups.items():
+        if len(rs) == 1:
+            out[k] = rs[0]
+            continue
+        m = dict(rs[0], seeds_merged=len(rs), source=[r.get("source") for r in rs])
+        accs = [value(r, "test_acc") for r in rs]
+        m["test_acc"] = None if None in accs else sum(accs) / len(accs)
+        for q in ("attack", "btr", "ensemble"):
+            vals = [value(r, q) for r in rs]
+            m[q] = None if None in vals else [sum(vals) / len(vals), min(vals), max(vals)]
+        out[k] = m
+    return out
 
 
 def load_budgets(specs: list[str]) -> list[tuple[str, list[dict[str, Any]]]]:
@@ -84,11 +110,11 @@ def compare(budgets: list[tuple[str, list[dict[str, Any]]]], *, compare_families
     """Markdown report, the run keys in table order, {budget: {key: row}} and {key: label}."""
     by_budget: dict[str, dict[str, dict]] = {}
     for lab, rows in budgets:
-        by_budget[lab] = {}
-        for r in rows:
-            if run_key(r) in by_budget[lab]:
-                log.warning("budget %s: two runs with the same settings (%s); using %s", lab, r.get("label"), r.get("source"))
-            by_budget[lab][run_key(r)] = r
+        by_budget[lab] = seed_merged(rows)
+        for k, r in by_budget[lab].items():
+            if r.get("seeds_merged", 1) > 1:
+                log.info("budget %s: %d runs with the same settings (%s): compared on their means",
+                         lab, r["seeds_merged"], r.get("label"))
     # One label per run, from the union of all budgets, so that a run is named the same everywhere.
     reps: dict[str, dict] = {}
     for _, rows in budgets:
