@@ -95,6 +95,42 @@ def row_from_bench(path: Path, b: dict) -> dict[str, Any]:
     }
 
 
+def apply_btr_rechecks(rows: list[dict[str, Any]], dirs: list[Path]) -> list[dict[str, Any]]:
+    """Rows whose BTR ARA was re-evaluated by eval.py (scripts/recheck_paper_protocol.sh), with that BTR ARA.
+
+    Each ``model.json`` under ``dirs`` names its checkpoint, whose folder is a row's ``source``.
+    The re-evaluation must have seen the benchmark's images (same draw: seed, count, and the
+    same clean accuracy), else it is refused with a log line. Rows without a re-evaluation are
+    left out (logged), so that a table never mixes protocols; their other columns (Attack,
+    ensemble) keep the benchmark's protocol, which ``protocol`` then names (``btr <- paper``).
+    """
+    rechecks: dict[str, dict] = {}
+    for d in dirs:
+        for f in sorted(Path(d).rglob("model.json")):
+            try:
+                j = json.loads(f.read_text())
+                rechecks[str(Path(j["checkpoint"]).parent.resolve())] = j
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                log.warning("skipping %s (%s: %s)", f, type(err).__name__, err)
+    out = []
+    for r in rows:
+        j = rechecks.get(str(Path(r["source"]).resolve()))
+        if j is None or not j.get("btr"):
+            log.info("leaving out %s: no BTR re-evaluation for it under %s", r["source"], ", ".join(map(str, dirs)))
+            continue
+        bench = Path(r["source"]) / "bench.json"
+        if not bench.is_file():
+            log.info("leaving out %s: no bench.json there to check the re-evaluation's images against", r["source"])
+            continue
+        b = json.loads(bench.read_text())["eval"]
+        if (j.get("data", {}).get("val_seed"), j.get("num_images"), j.get("accuracy")) != (b.get("ids_seed"), b.get("num_images"), b.get("accuracy")):
+            log.warning("leaving out %s: its re-evaluation saw other images (seed/count/accuracy differ)", r["source"])
+            continue
+        prot = (j.get("settings") or {}).get("protocol")
+        out.append(dict(r, btr=_ara(j["btr"]), protocol=f"{r['protocol']}, btr <- {prot}"))
+    return out
+
+
 def rows_from_wandb(path: str, group: str | None) -> list[dict[str, Any]]:
     """Rows from W&B runs' ``bench/*`` summaries; [] (with a log line) when offline or unavailable."""
     if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
@@ -357,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratio", type=float, default=1.5, help="target BTR ARA ratio")
     p.add_argument("--max-drop", type=float, default=0.03, help="allowed clean-accuracy drop (fraction)")
     p.add_argument("--title", default="Accuracy vs robustness at equal compute")
+    p.add_argument("--btr-from", nargs="*", type=Path, default=None,
+                   help="folders of BTR re-evaluations (scripts/recheck_paper_protocol.sh OUT): use their BTR ARA "
+                        "and leave out runs without one")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -369,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("skipping %s (%s: %s)", f, type(err).__name__, err)
     if args.wandb:
         rows.extend(rows_from_wandb(args.wandb, args.wandb_group))
+    if args.btr_from is not None:
+        rows = apply_btr_rechecks(rows, args.btr_from)
     refs = reference_rows(args.reference)
     if not rows and not refs:
         log.error("no bench.json found under %s (and no reference rows)", ", ".join(map(str, args.dirs)) or "-")

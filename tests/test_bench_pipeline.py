@@ -148,3 +148,46 @@ def test_recheck_paper_protocol_rejects_non_run_folders(tmp_path):
     (tmp_path / "bench.json").write_text("{}")  # a run folder needs its exported model too
     proc = subprocess.run(["bash", script, str(tmp_path)], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "no bench.json + model.safetensors" in proc.stdout and len(proc.stdout.strip().splitlines()) == 1
+
+
+def test_btr_from_rechecks_replaces_btr_and_refuses_other_images(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+
+    def run(name, family, acc, btr, *, ev_acc=0.9):
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        ara = lambda v: {"ara": v, "ara_ci_low": v * 0.95, "ara_ci_high": v * 1.05}  # noqa: E731
+        (d / "bench.json").write_text(json.dumps({
+            "method_name": family, "method": {"name": family}, "seed": 1, "test_acc": acc,
+            "eval": {"accuracy": ev_acc, "num_images": 500, "ids_seed": 1776, "settings": {"protocol": "fast"},
+                     "attack": ara(btr / 2), "btr": ara(btr), "ensemble": ara(btr / 2)}}))
+        return d
+
+    def recheck(d, btr, *, acc=0.9, seed=1776):
+        out = tmp_path / "paper" / d.name
+        out.mkdir(parents=True)
+        (out / "model.json").write_text(json.dumps({
+            "checkpoint": str(d / "model.safetensors"), "accuracy": acc, "num_images": 500, "data": {"val_seed": seed},
+            "settings": {"protocol": "paper"}, "btr": {"ara": btr, "ara_ci_low": btr * 0.97, "ara_ci_high": btr * 1.03}}))
+
+    pgd = run("pgd", "pgd", 0.87, 0.060)
+    allr = run("all", "all", 0.85, 0.094)
+    other = run("robust", "robust", 0.86, 0.080)
+    lone = run("standard", "standard", 0.93, 0.008)
+    recheck(pgd, 0.058)
+    recheck(allr, 0.086)
+    recheck(other, 0.070, acc=0.88)  # not the benchmark's images: refused
+    rows = [summarize_runs.row_from_bench(d / "bench.json", json.loads((d / "bench.json").read_text()))
+            for d in (pgd, allr, other, lone)]
+    got = summarize_runs.apply_btr_rechecks(rows, [tmp_path / "paper"])
+    assert [r["family"] for r in got] == ["pgd", "all"]
+    assert got[1]["btr"][0] == 0.086 and got[1]["attack"][0] == 0.047 and got[1]["protocol"] == "fast, btr <- paper"
+    assert "saw other images" in caplog.text and "no BTR re-evaluation" in caplog.text
+    # End to end: the target check runs on the re-evaluated BTR ARA (0.086 / 0.058 = 1.48x, not met;
+    # the benchmark's own 0.094 / 0.060 would be 1.57x).
+    out = tmp_path / "out"
+    assert summarize_runs.main([str(tmp_path / "runs"), "--out", str(out), "--btr-from", str(tmp_path / "paper")]) == 0
+    md = (out / "summary.md").read_text()
+    assert "**1.48x** -> **not met**" in md and "btr <- paper" in md and "1.57x" not in md
