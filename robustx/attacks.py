@@ -70,7 +70,7 @@ def criterion_mask(
 
 def half_and_half_mask(batch: int, *, p: float = 0.5, device=None, generator=None) -> torch.Tensor:
     """(B,) bool: which examples are perturbed under half-and-half adversarial training."""
-    device = torch.device("cpu") if device is None else torch.device(device)
+    device = torch.get_default_device() if device is None else torch.device(device)
     return torch.rand(batch, device=draw_device(generator, device), generator=generator).to(device) < p
 
 
