@@ -42,31 +42,21 @@ def value(row: dict[str, Any] | None, key: str) -> float | None:
     if row is None or row.get(key) is None:
         return None
     v = row[key]
-    return float(v[0] if isinstance(v, list) else v)
+    return float(v[0] if isinstance(v, (list, tuple)) else v)
 
 
 def seed_merged(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """{run key: row}, runs with the same settings (seeds) merged into one row of their means.
 
-    The merged row's accuracy is the mean over the runs, each ARA [mean, smallest, largest]
-    (as summarize_runs.py's seed-mean table); ``seeds_merged`` counts the runs. A run that is
-    alone keeps its own row. A quantity some of the runs lack is left out (None).
+    The rows are summarize_runs.py's seed means (accuracy the mean over the runs, each ARA
+    (mean, smallest, largest); a quantity some of the runs lack is None); a merged row also
+    counts its runs in ``seeds_merged``.
     """
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(run_key(r), []).append(r)
     out = {}
-    for k, rs in groups.items():
-        if len(rs) == 1:
-            out[k] = rs[0]
-            continue
-        m = dict(rs[0], seeds_merged=len(rs), source=[r.get("source") for r in rs])
-        accs = [value(r, "test_acc") for r in rs]
-        m["test_acc"] = None if None in accs else sum(accs) / len(accs)
-        for q in ("attack", "btr", "ensemble"):
-            vals = [value(r, q) for r in rs]
-            m[q] = None if None in vals else [sum(vals) / len(vals), min(vals), max(vals)]
-        out[k] = m
+    for m in sr.seed_means(rows):
+        if len(m["seeds"]) > 1:
+            m["seeds_merged"] = len(m["seeds"])
+        out[run_key(m)] = m
     return out
 
 

@@ -206,20 +206,23 @@ def seed_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per family and settings: accuracy and ARAs averaged over its seeds (call after :func:`label_rows`).
 
     Each ARA becomes (mean, smallest, largest) over the seeds (not a CI); ``seeds`` lists them.
-    A setting run with one seed passes through with its own values.
+    A setting run with one seed passes through with its own values. Rows made before
+    :func:`label_rows` kept ``base_*`` (older rows.json files) are named by their ``label``.
     """
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(settings_key(r), []).append(r)
     out = []
     for rs in groups.values():
-        m = {k: rs[0][k] for k in ("family", "method", "base_setting", "base_label")}
+        r0 = rs[0]
+        m = {"family": r0["family"], "method": r0["method"], "base_setting": r0.get("base_setting", r0.get("setting", "")),
+             "base_label": r0.get("base_label", r0.get("label", r0["family"]))}
         m.update(label=m["base_label"], setting=m["base_setting"], seeds=sorted(str(r.get("seed")) for r in rs))
         accs = [r["test_acc"] for r in rs if r["test_acc"] is not None]
         m["test_acc"] = sum(accs) / len(accs) if len(accs) == len(rs) else None
         m["test_acc_range"] = (min(accs), max(accs)) if accs else None
         for k in ("attack", "btr", "ensemble"):
-            vals = [r[k][0] for r in rs if r[k]]
+            vals = [r[k][0] for r in rs if r.get(k)]
             m[k] = (sum(vals) / len(vals), min(vals), max(vals)) if vals and len(vals) == len(rs) else None
         out.append(m)
     return out
