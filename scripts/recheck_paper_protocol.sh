@@ -31,6 +31,8 @@ wait $pa || true
 "$PY" - "$OUT" <<'EOF' | tee "$OUT/table.md"
 import json, sys
 from pathlib import Path
+sys.path.insert(0, "scripts")
+from summarize_runs import same_images
 print("| run | method | seed | test acc | BTR ARA bench (its protocol) | BTR ARA paper [95% CI] | paper / bench | s |")
 print("|---|---|---|---|---|---|---|---|")
 for f in sorted(Path(sys.argv[1]).glob("*/model.json")):
@@ -38,8 +40,7 @@ for f in sorted(Path(sys.argv[1]).glob("*/model.json")):
     run = Path(j["checkpoint"]).parent
     b = json.loads((run / "bench.json").read_text())
     e = b["eval"]
-    # Same images: the same draw (seed and count), checked once more through the clean accuracy.
-    if (j["data"].get("val_seed"), j["num_images"], j["accuracy"]) != (e.get("ids_seed"), e["num_images"], e["accuracy"]):
+    if not same_images(j, ids_seed=e.get("ids_seed"), num_images=e["num_images"], accuracy=e["accuracy"]):
         print(f"<!-- {run}: not the benchmark's images (seed {j['data'].get('val_seed')} vs {e.get('ids_seed')}, "
               f"{j['num_images']} vs {e['num_images']} images, accuracy {j['accuracy']} vs {e['accuracy']}) -->")
     fast, p = b["eval"]["btr"]["ara"], j["btr"]

@@ -81,6 +81,7 @@ def row_from_bench(path: Path, b: dict) -> dict[str, Any]:
         "test_acc": b.get("test_acc"),
         "eval_acc": e.get("accuracy"),
         "num_images": e.get("num_images"),
+        "ids_seed": e.get("ids_seed"),
         "attack": _ara(e.get("attack")),
         "btr": _ara(e.get("btr")),
         "ensemble": _ara(e.get("ensemble")),
@@ -93,6 +94,13 @@ def row_from_bench(path: Path, b: dict) -> dict[str, Any]:
         "protocol": (e.get("settings") or {}).get("protocol"),
         "warnings": e.get("warnings", []),
     }
+
+
+def same_images(recheck: dict[str, Any], *, ids_seed: Any, num_images: Any, accuracy: Any) -> bool:
+    """Whether an eval.py result (``recheck``) saw a benchmark's test images: the same draw (seed
+    and count), checked once more through the clean accuracy."""
+    return ((recheck.get("data") or {}).get("val_seed"), recheck.get("num_images"), recheck.get("accuracy")) == (
+        ids_seed, num_images, accuracy)
 
 
 def apply_btr_rechecks(rows: list[dict[str, Any]], dirs: list[Path]) -> list[dict[str, Any]]:
@@ -118,12 +126,10 @@ def apply_btr_rechecks(rows: list[dict[str, Any]], dirs: list[Path]) -> list[dic
         if j is None or not j.get("btr"):
             log.info("leaving out %s: no BTR re-evaluation for it under %s", r["source"], ", ".join(map(str, dirs)))
             continue
-        bench = Path(r["source"]) / "bench.json"
-        if not bench.is_file():
-            log.info("leaving out %s: no bench.json there to check the re-evaluation's images against", r["source"])
+        if r.get("ids_seed") is None:
+            log.info("leaving out %s: no image draw recorded to check the re-evaluation's images against", r["source"])
             continue
-        b = json.loads(bench.read_text())["eval"]
-        if (j.get("data", {}).get("val_seed"), j.get("num_images"), j.get("accuracy")) != (b.get("ids_seed"), b.get("num_images"), b.get("accuracy")):
+        if not same_images(j, ids_seed=r["ids_seed"], num_images=r["num_images"], accuracy=r["eval_acc"]):
             log.warning("leaving out %s: its re-evaluation saw other images (seed/count/accuracy differ)", r["source"])
             continue
         prot = (j.get("settings") or {}).get("protocol")
