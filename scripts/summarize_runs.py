@@ -418,7 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.wandb:
         rows.extend(rows_from_wandb(args.wandb, args.wandb_group))
     if args.btr_from is not None:
+        found = bool(rows)
         rows = apply_btr_rechecks(rows, args.btr_from)
+        if found and not rows:
+            log.error("--btr-from: no run has a BTR re-evaluation of its own images under %s "
+                      "(make them with scripts/recheck_paper_protocol.sh)", ", ".join(map(str, args.btr_from)) or "-")
+            return 1
     refs = reference_rows(args.reference)
     if not rows and not refs:
         log.error("no bench.json found under %s (and no reference rows)", ", ".join(map(str, args.dirs)) or "-")

@@ -191,3 +191,6 @@ def test_btr_from_rechecks_replaces_btr_and_refuses_other_images(tmp_path, caplo
     assert summarize_runs.main([str(tmp_path / "runs"), "--out", str(out), "--btr-from", str(tmp_path / "paper")]) == 0
     md = (out / "summary.md").read_text()
     assert "**1.48x** -> **not met**" in md and "btr <- paper" in md and "1.57x" not in md
+    # A folder without re-evaluations is one clear error, not an empty table.
+    assert summarize_runs.main([str(tmp_path / "runs"), "--out", str(out), "--btr-from", str(tmp_path / "nothing")]) == 1
+    assert "--btr-from: no run has a BTR re-evaluation" in caplog.text
