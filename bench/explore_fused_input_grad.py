@@ -1,6 +1,6 @@
 """Exploration: one compiled graph for the engine's forward + input gradient (torch.func), with inductor freezing.
 
-    .venv/bin/python bench/explore_fused_input_grad.py [--batch 100 12] [--repeats 5] [--threads 2]
+    .venv/bin/python bench/explore_fused_input_grad.py [--batch 100 12] [--repeats 5] [--threads 2] [--variants ...]
 
 The attack engine (ARA search, adversarial explanations) needs, per step, the logits and the
 input gradient of a summed cross-entropy on a model in eval mode with frozen weights. The project
@@ -13,6 +13,9 @@ compiles ``model(x)`` (robustx.compiled) and lets autograd run the compiled back
 * ``func + freezing``: the same with ``torch._inductor.config.freezing = True`` (weights become
   constants: eval-mode BatchNorm folded, oneDNN weight prepacking). Only valid while the weights
   do not change.
+* ``func ... nchw``: the func variants in the contiguous (NCHW) memory format instead of channels_last;
+* ``... + cpp_wrapper`` (any variant): ``torch._inductor.config.cpp_wrapper = True``, the code that
+  launches the kernels is generated as C++ instead of Python (less overhead per kernel call).
 
 Prints seconds per call (median of --repeats after warm-ups), the speed-up over eager fp32 and
 the max relative difference of the input gradient to eager fp32.
@@ -94,11 +97,12 @@ def main() -> None:
         results = {}
         for variant in args.variants:
             torch._dynamo.reset()
-            torch._inductor.config.freezing = variant.endswith("freezing")
+            torch._inductor.config.freezing = "freezing" in variant
+            torch._inductor.config.cpp_wrapper = "cpp_wrapper" in variant
             model.to(memory_format=torch.contiguous_format)
             if variant == "eager fp32":
                 fn = eager
-            elif variant == "project":
+            elif variant.startswith("project"):
                 model.to(memory_format=torch.channels_last)
                 net = compiled_forward(model)
                 xc = x.contiguous(memory_format=torch.channels_last)
@@ -110,9 +114,10 @@ def main() -> None:
                         (gr,) = torch.autograd.grad(F.cross_entropy(logits.float(), y, reduction="sum"), xx)
                     return gr
             else:
-                model.to(memory_format=torch.channels_last)
+                fmt = torch.contiguous_format if "nchw" in variant else torch.channels_last
+                model.to(memory_format=fmt)
                 cf = torch.compile(fused)
-                xc = x.contiguous(memory_format=torch.channels_last)
+                xc = x.contiguous(memory_format=fmt)
 
                 def fn():
                     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -124,6 +129,7 @@ def main() -> None:
             diff = ((gr.float() - base_g).abs().max() / base_g.abs().max()).item()
             print(f"| {b} | {variant} | {s:.4f} | {base_s / s:.2f} | {first:.1f} | {diff:.2e} |", flush=True)
     torch._inductor.config.freezing = False
+    torch._inductor.config.cpp_wrapper = False
 
 
 if __name__ == "__main__":

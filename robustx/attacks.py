@@ -88,6 +88,7 @@ def engine_attack(
     affected: torch.Tensor | None = None,
     clip: bool = False,
     on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    grad_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Run the paper's attack engine and return the perturbed images (detached).
 
@@ -111,6 +112,9 @@ def engine_attack(
         clip: keep images + delta inside [0, 1] (off in the paper).
         on_step: optional hook ``f(t, logits, delta)`` called after each forward (for
             minimal-perturbation tracking); ``logits`` correspond to the current delta.
+        grad_fn: optional ``f(x, labels) -> (logits, d sum CE(model(x), labels) / dx)`` used
+            instead of ``model`` plus autograd for each step (for example
+            :func:`robustx.compiled.compiled_input_grad`); it must compute the same thing.
     Returns:
         (B, C_in, H, W) perturbed images.
     """
@@ -127,9 +131,12 @@ def engine_attack(
     mom = torch.zeros_like(images)
     keep = None if affected is None else affected.to(images.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
     for t, ss in enumerate(step_sizes(eps, steps, overshoot=overshoot)):
-        logits = model(images + delta)
-        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, delta)
+        if grad_fn is None:
+            logits = model(images + delta)
+            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, delta)
+        else:
+            logits, grad = grad_fn(images + delta.detach(), labels)
         with torch.no_grad():
             if on_step is not None:
                 on_step(t, logits.detach(), delta.detach())

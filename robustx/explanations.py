@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .attacks import engine_attack, rmse
-from .compiled import compiled_forward, frozen_parameters
+from .compiled import compiled_input_grad, frozen_parameters
 
 __all__ = ["TargetSpec", "AEResult", "resolve_targets", "adversarial_explanations", "TARGET_KEYWORDS"]
 
@@ -247,8 +247,8 @@ def adversarial_explanations(
             torch.bfloat16: faster on CPUs with AVX-512 BF16 and on GPUs); the probabilities
             and predictions before/after are computed in full precision.
         channels_last: run in the channels_last memory format (model and inputs).
-        compile: run the engine's forward and input-gradient passes through ``torch.compile``
-            (see :mod:`robustx.compiled`). The first call per model and input shape compiles
+        compile: run each engine step (forward and input gradient) as one ``torch.compile``d
+            graph (:func:`robustx.compiled.compiled_input_grad`). The first call per model and input shape compiles
             (tens of seconds on a CPU); later calls in this process reuse it, also after the
             weights change.
         chunk_size: at most this many (image, target) pairs per engine run (None: all B*K).
@@ -282,15 +282,15 @@ def adversarial_explanations(
         n = x_rep.size(0)
         chunk = chunk_size or max(n, 1)
         ctx = torch.autocast(images.device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
-        net = compiled_forward(model) if compile else model
+        grad_fn = compiled_input_grad(model) if compile else None
         parts = []
         with torch.enable_grad():
             for i in range(0, n, chunk):
                 with ctx:
                     parts.append(
                         engine_attack(
-                            net, x_rep[i : i + chunk], t_rep[i : i + chunk], eps=rho, steps=steps, criterion="l2",
-                            overshoot=overshoot, momentum=momentum, targeted=True, clip=clip,
+                            model, x_rep[i : i + chunk], t_rep[i : i + chunk], eps=rho, steps=steps, criterion="l2",
+                            overshoot=overshoot, momentum=momentum, targeted=True, clip=clip, grad_fn=grad_fn,
                         )
                     )
         ae = torch.cat(parts) if parts else x_rep.clone()  # (U, C, H, W)

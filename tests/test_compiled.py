@@ -1,0 +1,65 @@
+"""robustx.compiled.compiled_input_grad: one compiled graph for the engine step, and its fallback."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import robustx.compiled as rc
+from robustx.attacks import engine_attack
+from robustx.models import PreActResNet
+
+
+def _net():
+    torch.manual_seed(0)
+    return PreActResNet(depth=8, widths=(4, 8, 8), num_classes=10, activation="hhrelu", zero_init_residual=False).eval()
+
+
+def _eager(model, x, y):
+    x = x.clone().requires_grad_(True)
+    logits = model(x)
+    (g,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), x)
+    return logits.detach(), g
+
+
+@pytest.mark.slow
+def test_compiled_input_grad_equals_autograd_and_engine_result():
+    """Logits and d sum CE / dx equal eager autograd's (fp32, rounding only); the engine gives the same images."""
+    model = _net()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(6, 3, 32, 32, generator=g), torch.randint(10, (6,), generator=g)
+    ref_logits, ref_grad = _eager(model, x, y)
+    with rc.frozen_parameters(model):
+        fn = rc.compiled_input_grad(model)
+        logits, grad = fn(x, y)
+        fused = engine_attack(model, x, y, eps=0.1, steps=5, criterion="l2", targeted=True, overshoot=5, grad_fn=fn)
+    assert not logits.requires_grad and not grad.requires_grad
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6 * float(ref_grad.abs().max()))
+    plain = engine_attack(model, x, y, eps=0.1, steps=5, criterion="l2", targeted=True, overshoot=5)
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-5)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_compiled_input_grad_falls_back_with_one_warning(monkeypatch, caplog):
+    """A model dynamo cannot trace under torch.func.grad: one warning line, then the forward-only path, same values."""
+    from torch._dynamo.exc import Unsupported
+
+    def broken(model, x, labels):
+        raise Unsupported("graph break inside torch.func.grad")
+
+    model = _net()
+    monkeypatch.setattr(rc, "_COMPILED_GRAD", {"cpu": broken})
+    monkeypatch.setattr(rc, "_GRAD_UNAVAILABLE", False)
+    monkeypatch.setattr(rc, "_UNAVAILABLE", True)  # and no compiler at all: the fallback runs eagerly
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.rand(3, 3, 32, 32, generator=g), torch.randint(10, (3,), generator=g)
+    fn = rc.compiled_input_grad(model)
+    with caplog.at_level("WARNING", logger="robustx.compiled"):
+        first = fn(x, y)
+        second = fn(x, y)
+    ref = _eager(model, x, y)
+    for got in (first, second):
+        torch.testing.assert_close(got[0], ref[0])
+        torch.testing.assert_close(got[1], ref[1])
+    warnings = [r for r in caplog.records if "one graph failed" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
