@@ -243,6 +243,7 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
             out["cross_check"][n] = {
                 **rep,
                 "failed": int((~finite).sum()),
+                "steps": (cross_check or {}).get("steps"),
                 "ara_attack": summarize(r_i.masked_fill(~finite, float(r_paper.max())), num_classes, bootstrap=0)["ara"],
                 "seconds": sum(r.get(f"seconds_{n}", 0.0) for r in results),
                 "r": [x if math.isfinite(x) else None for x in r_i.tolist()],

@@ -162,7 +162,7 @@ def minimal_perturbation(
     re-checked by a forward pass. Images failing unperturbed have r = 0. Images not found
     failing get r = the largest RMSE explored and ``found = False``. A found perturbation that
     does not fail in full precision (a bf16 or compiled search can stop a hair short of the fp32
-    boundary) is stretched by the smallest of a few scales (1.0005 ... 3) that makes it fail; whether
+    boundary) is stretched by the smallest of a few scales (1.0005 ... 3, then bisected) that makes it fail; whether
     an image fails unperturbed (r = 0) is always decided in full precision.
 
     Args:
@@ -237,23 +237,41 @@ def minimal_perturbation(
 
 #: Scales tried, in order, by :func:`_repair` (1.0 is the plain full-precision re-check).
 _REPAIR_SCALES = (1.0, 1.0005, 1.001, 1.002, 1.005, 1.01, 1.02, 1.05, 1.1, 1.2, 1.5, 2.0, 3.0)
+#: Bisection steps of :func:`_repair` between the last listed scale that passed and the first that failed.
+_REPAIR_BISECT = 4
 
 
 @torch.no_grad()
 def _repair(model: nn.Module, images, labels, delta, active, *, mode: Mode) -> torch.Tensor:
-    """Per image the smallest scale in :data:`_REPAIR_SCALES` with images + scale * delta failing in full precision -> (B,).
+    """Per image the smallest scale >= 1 found with images + scale * delta failing in full precision -> (B,).
 
+    The scales of :data:`_REPAIR_SCALES` are tried in order; where the first failing one is above
+    1, :data:`_REPAIR_BISECT` bisection steps between it and the last passing one shrink it (the
+    returned scale always failed a probe). Only the images still in question are forwarded.
     Images not ``active``, and those failing at no listed scale, keep 1 (the re-check then
     reports the latter).
     """
     scale = torch.ones(images.size(0), device=images.device)
-    pending = active.clone()
+    passed = torch.ones_like(scale)  # the largest probed scale that still passed
+
+    def fails_at(idx: torch.Tensor, s: torch.Tensor) -> torch.Tensor:  # idx: (K,) indices, s: (K,) scales -> (K,) bool
+        x = images[idx] + s.view(-1, 1, 1, 1).to(delta.dtype) * delta[idx]  # (K, C, H, W)
+        return ~passes_criterion(model(x).float(), labels[idx], mode)
+
+    pending = active.nonzero()[:, 0]  # (K,)
     for s in _REPAIR_SCALES:
-        if not pending.any():
+        if pending.numel() == 0:
             break
-        fails = ~passes_criterion(model(images + s * delta).float(), labels, mode)  # (B,)
-        scale = torch.where(pending & fails, torch.full_like(scale, s), scale)
-        pending = pending & ~fails
+        fails = fails_at(pending, torch.full((pending.numel(),), s, device=scale.device))
+        scale[pending[fails]] = s
+        passed[pending[~fails]] = s
+        pending = pending[~fails]
+    stretched = (active & (scale > passed)).nonzero()[:, 0]  # (K,) found above 1, with a passing scale below
+    for _ in range(_REPAIR_BISECT if stretched.numel() else 0):
+        mid = (passed[stretched] + scale[stretched]) / 2  # (K,)
+        fails = fails_at(stretched, mid)
+        scale[stretched] = torch.where(fails, mid, scale[stretched])
+        passed[stretched] = torch.where(fails, passed[stretched], mid)
     return scale
 
 

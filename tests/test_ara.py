@@ -245,3 +245,22 @@ def test_compile_unavailable_falls_back_to_eager_with_one_warning(monkeypatch, c
     torch.testing.assert_close(comp.r, eager.r)
     warnings = [r for r in caplog.records if "torch.compile is unavailable" in r.getMessage()]
     assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
+
+
+def test_repair_stretches_to_just_past_the_fp32_boundary():
+    """_repair: grid then bisection -> the smallest failing scale within 1/16 of its grid interval; others keep 1."""
+    from robustx.ara import _REPAIR_BISECT, _repair
+
+    class Sum(nn.Module):  # logits (0, sum(x) - 1): class 0 until the pixel sum passes 1
+        def forward(self, x):
+            s = x.flatten(1).sum(1, keepdim=True)  # (B, 1)
+            return torch.cat([torch.zeros_like(s), s - 1], 1)
+
+    x = torch.zeros(4, 1, 2, 2)
+    y = torch.zeros(4, dtype=torch.long)
+    boundary = torch.tensor([1.0137, 0.5, 10.0, 1.0137], dtype=torch.float64)  # image 1 fails at 1, image 2 never
+    delta = (1 / boundary).float().view(-1, 1, 1, 1).expand(-1, 1, 2, 2) / 4  # sum(s * delta) = s / boundary
+    active = torch.tensor([True, True, True, False])
+    scale = _repair(Sum(), x, y, delta, active, mode="attack").double()
+    assert scale[1] == 1.0 and scale[2] == 1.0 and scale[3] == 1.0
+    assert 1.0137 < scale[0] <= 1.0137 + (1.02 - 1.01) / 2**_REPAIR_BISECT
