@@ -5,6 +5,7 @@
         [--reference results/reference_ara_paper_200 ...]   # eval.py JSONs (e.g. the CIFAR-10 reference networks)
         [--wandb ENTITY/PROJECT [--wandb-group GROUP]]      # also pull runs' bench/* summaries from W&B (online only)
         [--compare robust,all --against pgd]                # the equal-compute target check
+        [--btr-from DIR] [--attack-from DIR]                # ARAs from re-evaluations (scripts/recheck_paper_protocol.sh)
 
 Each run of ``+experiment=bench_*`` writes ``bench.json`` (lightning_modules/bench.py); any run
 folder below the given directories is found. Writes ``DIR/summary.md`` (tables), ``DIR/rows.json``
@@ -103,15 +104,23 @@ def same_images(recheck: dict[str, Any], *, ids_seed: Any, num_images: Any, accu
         ids_seed, num_images, accuracy)
 
 
-def apply_btr_rechecks(rows: list[dict[str, Any]], dirs: list[Path]) -> list[dict[str, Any]]:
-    """Rows whose BTR ARA was re-evaluated by eval.py (scripts/recheck_paper_protocol.sh), with that BTR ARA.
+#: What a re-evaluation replaces, per kind: the row's columns taken from eval.py's JSON blocks, and
+#: the block the re-evaluation must have (scripts/recheck_paper_protocol.sh MODE=btr / MODE=attack).
+RECHECK_KINDS = {"btr": (("btr",), "btr"), "attack": (("attack", "ensemble"), "ensemble")}
 
-    Each ``model.json`` under ``dirs`` names its checkpoint, whose folder is a row's ``source``.
-    The re-evaluation must have seen the benchmark's images (same draw: seed, count, and the
-    same clean accuracy), else it is refused with a log line. Rows without a re-evaluation are
-    left out (logged), so that a table never mixes protocols; their other columns (Attack,
-    ensemble) keep the benchmark's protocol, which ``protocol`` then names (``btr <- paper``).
+
+def apply_rechecks(rows: list[dict[str, Any]], dirs: list[Path], *, kind: str = "btr") -> list[dict[str, Any]]:
+    """Rows re-evaluated by eval.py (scripts/recheck_paper_protocol.sh), with the re-evaluation's ARAs.
+
+    ``kind="btr"`` takes the BTR ARA; ``kind="attack"`` the Attack ARA and the ensemble with the
+    independent attack (MODE=attack). Each ``model.json`` under ``dirs`` names its checkpoint,
+    whose folder is a row's ``source``. The re-evaluation must have seen the benchmark's images
+    (same draw: seed, count, and the same clean accuracy), else it is refused with a log line.
+    Rows without a re-evaluation are left out (logged), so that a table never mixes protocols;
+    columns not replaced keep the benchmark's protocol, which ``protocol`` then names
+    (``fast, btr <- paper``).
     """
+    columns, required = RECHECK_KINDS[kind]
     rechecks: dict[str, dict] = {}
     for d in dirs:
         for f in sorted(Path(d).rglob("model.json")):
@@ -120,11 +129,12 @@ def apply_btr_rechecks(rows: list[dict[str, Any]], dirs: list[Path]) -> list[dic
                 rechecks[str(Path(j["checkpoint"]).parent.resolve())] = j
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 log.warning("skipping %s (%s: %s)", f, type(err).__name__, err)
+    what = "BTR" if kind == "btr" else "Attack + ensemble"
     out = []
     for r in rows:
         j = rechecks.get(str(Path(r["source"]).resolve()))
-        if j is None or not j.get("btr"):
-            log.info("leaving out %s: no BTR re-evaluation for it under %s", r["source"], ", ".join(map(str, dirs)))
+        if j is None or not j.get(required):
+            log.info("leaving out %s: no %s re-evaluation for it under %s", r["source"], what, ", ".join(map(str, dirs)))
             continue
         if r.get("ids_seed") is None:
             log.info("leaving out %s: no image draw recorded to check the re-evaluation's images against", r["source"])
@@ -133,8 +143,16 @@ def apply_btr_rechecks(rows: list[dict[str, Any]], dirs: list[Path]) -> list[dic
             log.warning("leaving out %s: its re-evaluation saw other images (seed/count/accuracy differ)", r["source"])
             continue
         prot = (j.get("settings") or {}).get("protocol")
-        out.append(dict(r, btr=_ara(j["btr"]), protocol=f"{r['protocol']}, btr <- {prot}"))
+        if kind == "attack":
+            steps = {n: c.get("steps") for n, c in (j.get("cross_check") or {}).items()}
+            prot += "".join(f" + {n}" + (f" {k}" if k else "") for n, k in steps.items())
+        out.append(dict(r, **{c: _ara(j[c]) for c in columns}, protocol=f"{r['protocol']}, {'+'.join(columns)} <- {prot}"))
     return out
+
+
+def apply_btr_rechecks(rows: list[dict[str, Any]], dirs: list[Path]) -> list[dict[str, Any]]:
+    """:func:`apply_rechecks` with ``kind="btr"``."""
+    return apply_rechecks(rows, dirs, kind="btr")
 
 
 def rows_from_wandb(path: str, group: str | None) -> list[dict[str, Any]]:
@@ -405,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--btr-from", nargs="*", type=Path, default=None,
                    help="folders of BTR re-evaluations (scripts/recheck_paper_protocol.sh OUT): use their BTR ARA "
                         "and leave out runs without one")
+    p.add_argument("--attack-from", nargs="*", type=Path, default=None,
+                   help="folders of Attack + ensemble re-evaluations (recheck_paper_protocol.sh MODE=attack OUT): use "
+                        "their Attack and ensemble ARAs and leave out runs without one")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -417,12 +438,15 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("skipping %s (%s: %s)", f, type(err).__name__, err)
     if args.wandb:
         rows.extend(rows_from_wandb(args.wandb, args.wandb_group))
-    if args.btr_from is not None:
+    for kind, dirs, flag in (("btr", args.btr_from, "--btr-from"), ("attack", args.attack_from, "--attack-from")):
+        if dirs is None:
+            continue
         found = bool(rows)
-        rows = apply_btr_rechecks(rows, args.btr_from)
+        rows = apply_rechecks(rows, dirs, kind=kind)
         if found and not rows:
-            log.error("--btr-from: no run has a BTR re-evaluation of its own images under %s "
-                      "(make them with scripts/recheck_paper_protocol.sh)", ", ".join(map(str, args.btr_from)) or "-")
+            log.error("%s: no run has a%s re-evaluation of its own images under %s (make them with scripts/recheck_paper_protocol.sh%s)",
+                      flag, " BTR" if kind == "btr" else "n Attack", ", ".join(map(str, dirs)) or "-",
+                      "" if kind == "btr" else " MODE=attack")
             return 1
     refs = reference_rows(args.reference)
     if not rows and not refs:

@@ -154,6 +154,21 @@ def test_adversarial_explanations_match_cpu():
     assert ae_c.rmse.max() > 0
 
 
+def test_compiled_explanations_and_search_on_cuda_match_cpu_eager():
+    """compile=True (one traced torch.func graph for explanations, compiled forward for the search) on the device."""
+    cpu, gpu = _cnn()
+    cpu, gpu = cpu.float(), gpu.float()
+    x, y = _batch(4)
+    x = x.float()
+    ae_c = adversarial_explanations(cpu, x, y, targets=["true", "second"], rho=0.1, steps=10)
+    ae_g = adversarial_explanations(gpu, x.to(CUDA), y.to(CUDA), targets=["true", "second"], rho=0.1, steps=10, compile=True)
+    torch.testing.assert_close(ae_g.images.cpu(), ae_c.images, rtol=0, atol=1e-3)
+    mp_c = minimal_perturbation(cpu, x, y, steps=20, eps=2.0)
+    mp_g = minimal_perturbation(gpu, x.to(CUDA), y.to(CUDA), steps=20, eps=2.0, compile=True)
+    torch.testing.assert_close(mp_g.r.cpu(), mp_c.r, rtol=1e-2, atol=1e-5)
+    assert all(p.requires_grad for p in gpu.parameters())
+
+
 @pytest.mark.parametrize("name", ["robust", "all", "pgd", "trades"])
 def test_training_loss_on_cuda(name):
     methods = {
