@@ -113,7 +113,7 @@ def apply_rechecks(rows: list[dict[str, Any]], dirs: list[Path], *, kind: str = 
     """Rows re-evaluated by eval.py (scripts/recheck_paper_protocol.sh), with the re-evaluation's ARAs.
 
     ``kind="btr"`` takes the BTR ARA; ``kind="attack"`` the Attack ARA and the ensemble with the
-    independent attack (MODE=attack). Each ``model.json`` under ``dirs`` names its checkpoint,
+    independent attack (MODE=attack), and recomputes the robust accuracies from that ensemble's r_i. Each ``model.json`` under ``dirs`` names its checkpoint,
     whose folder is a row's ``source``. The re-evaluation must have seen the benchmark's images
     (same draw: seed, count, and the same clean accuracy), else it is refused with a log line.
     Rows without a re-evaluation are left out (logged), so that a table never mixes protocols;
@@ -143,10 +143,14 @@ def apply_rechecks(rows: list[dict[str, Any]], dirs: list[Path], *, kind: str = 
             log.warning("leaving out %s: its re-evaluation saw other images (seed/count/accuracy differ)", r["source"])
             continue
         prot = (j.get("settings") or {}).get("protocol")
+        new = {c: _ara(j[c]) for c in columns}
         if kind == "attack":
             steps = {n: c.get("steps") for n, c in (j.get("cross_check") or {}).items()}
             prot += "".join(f" + {n}" + (f" {k}" if k else "") for n, k in steps.items())
-        out.append(dict(r, **{c: _ara(j[c]) for c in columns}, protocol=f"{r['protocol']}, {'+'.join(columns)} <- {prot}"))
+            r_ens = j["ensemble"].get("r") or []
+            if r_ens:  # robust accuracy at each eps = share of images whose ensemble r exceeds it
+                new["robust_acc"] = {e: sum(x > float(e) for x in r_ens) / len(r_ens) for e in r["robust_acc"]}
+        out.append(dict(r, **new, protocol=f"{r['protocol']}, {'+'.join(columns)} <- {prot}"))
     return out
 
 

@@ -198,12 +198,14 @@ def test_btr_from_rechecks_replaces_btr_and_refuses_other_images(tmp_path, caplo
     (tmp_path / "alma").mkdir()
     j = json.loads((tmp_path / "paper" / "all" / "model.json").read_text())
     j.pop("btr")
-    j.update(attack={"ara": 0.045}, ensemble={"ara": 0.044, "ara_ci_low": 0.041, "ara_ci_high": 0.047},
+    j.update(attack={"ara": 0.045}, ensemble={"ara": 0.044, "ara_ci_low": 0.041, "ara_ci_high": 0.047, "r": [0.0, 0.01, 0.03, 0.06]},
              cross_check={"alma": {"steps": 1000}})
     (tmp_path / "alma" / "all").mkdir()
     (tmp_path / "alma" / "all" / "model.json").write_text(json.dumps(j))
     both = summarize_runs.apply_rechecks(got, [tmp_path / "alma"], kind="attack")
     assert len(both) == 1 and both[0]["attack"][0] == 0.045 and both[0]["ensemble"] == (0.044, 0.041, 0.047)
     assert both[0]["btr"][0] == 0.086 and both[0]["protocol"] == "fast, btr <- paper, attack+ensemble <- paper + alma 1000"
+    got[1]["robust_acc"] = {"0.02": 0.9, "0.05": 0.5}
+    assert summarize_runs.apply_rechecks(got, [tmp_path / "alma"], kind="attack")[0]["robust_acc"] == {"0.02": 0.5, "0.05": 0.25}
     assert summarize_runs.main([str(tmp_path / "runs"), "--out", str(out), "--attack-from", str(tmp_path / "paper")]) == 1
     assert "--attack-from: no run has an Attack re-evaluation" in caplog.text
