@@ -118,7 +118,8 @@ def apply_rechecks(rows: list[dict[str, Any]], dirs: list[Path], *, kind: str = 
     (same draw: seed, count, and the same clean accuracy), else it is refused with a log line.
     Rows without a re-evaluation are left out (logged), so that a table never mixes protocols;
     columns not replaced keep the benchmark's protocol, which ``protocol`` then names
-    (``fast, btr <- paper``).
+    (``fast, btr <- paper``); the evaluation's warnings about the replaced criterion are replaced
+    by the re-evaluation's.
     """
     columns, required = RECHECK_KINDS[kind]
     rechecks: dict[str, dict] = {}
@@ -150,6 +151,10 @@ def apply_rechecks(rows: list[dict[str, Any]], dirs: list[Path], *, kind: str = 
             r_ens = j["ensemble"].get("r") or []
             if r_ens:  # robust accuracy at each eps = share of images whose ensemble r exceeds it
                 new["robust_acc"] = {e: sum(x > float(e) for x in r_ens) / len(r_ens) for e in r["robust_acc"]}
+        # The evaluation's warnings about the replaced criterion are the re-evaluation's now.
+        mine = ("btr:",) if kind == "btr" else ("attack:", "GRADIENT MASKING")
+        new["warnings"] = [w for w in r.get("warnings", []) if not w.startswith(mine)] + [
+            w for w in j.get("warnings", []) if w.startswith(mine)]
         out.append(dict(r, **new, protocol=f"{r['protocol']}, {'+'.join(columns)} <- {prot}"))
     return out
 

@@ -205,7 +205,13 @@ def test_btr_from_rechecks_replaces_btr_and_refuses_other_images(tmp_path, caplo
     both = summarize_runs.apply_rechecks(got, [tmp_path / "alma"], kind="attack")
     assert len(both) == 1 and both[0]["attack"][0] == 0.045 and both[0]["ensemble"] == (0.044, 0.041, 0.047)
     assert both[0]["btr"][0] == 0.086 and both[0]["protocol"] == "fast, btr <- paper, attack+ensemble <- paper + alma 1000"
+    assert both[0]["warnings"] == []
     got[1]["robust_acc"] = {"0.02": 0.9, "0.05": 0.5}
+    got[1]["warnings"] = ["attack: 3 image(s) did not fail within 56 steps (T/2); ...", "btr: 2 image(s) ..."]
+    j["warnings"] = ["attack: 1 reported perturbation(s) no longer fail ..."]
+    (tmp_path / "alma" / "all" / "model.json").write_text(json.dumps(j))
+    assert summarize_runs.apply_rechecks(got, [tmp_path / "alma"], kind="attack")[0]["warnings"] == [
+        "btr: 2 image(s) ...", "attack: 1 reported perturbation(s) no longer fail ..."]
     assert summarize_runs.apply_rechecks(got, [tmp_path / "alma"], kind="attack")[0]["robust_acc"] == {"0.02": 0.5, "0.05": 0.25}
     assert summarize_runs.main([str(tmp_path / "runs"), "--out", str(out), "--attack-from", str(tmp_path / "paper")]) == 1
     assert "--attack-from: no run has an Attack re-evaluation" in caplog.text
