@@ -2,10 +2,14 @@
 
 The engine (robustx.attacks.engine_attack) calls ``model(x)`` and differentiates w.r.t. x only;
 compiled, BatchNorm, the activation and their derivatives fuse into a few kernels around the
-convolutions. On the project's 2-core CPU this makes resnet44's forward + input gradient
-about 1.3-1.6x faster in fp32 and 1.9-2.7x faster with bf16 autocast + channels_last than the
-eager fp32 loop (bench/bench_explain.py, bench/bench_ara.py, BENCHMARKS.md). Double backprop (the training
-penalty) cannot run through compiled graphs; training does not use this.
+convolutions. Two ways: :func:`compiled_forward` compiles the forward and lets autograd run the
+compiled backward (used by the ARA search, batches of ~100); :func:`compiled_input_grad` traces
+forward and input gradient as one graph with inductor's C++ wrapper on a CPU (used by
+adversarial explanations, batches of ~10, where per-kernel launch overhead matters). On the
+project's 2-core CPU, bf16 autocast + channels_last + either makes resnet44's forward + input
+gradient about 2-2.5x faster than the eager fp32 loop (bench/bench_explain.py,
+bench/bench_ara.py, BENCHMARKS.md). Double backprop (the training penalty) cannot run through
+compiled graphs; training does not use this.
 """
 
 from __future__ import annotations
@@ -132,7 +136,7 @@ def compiled_input_grad(model: nn.Module) -> Callable[[Tensor, Tensor], tuple[Te
     of the loss is traced, so forward and input gradient are one forward-only graph, and on a
     CPU inductor's C++ wrapper replaces the Python code that launches each kernel. At the
     small batches of explanations (10 image-target pairs, resnet44) this cuts the per-step
-    time by about 15% against :func:`compiled_forward` (bench/explore_fused_input_grad.py,
+    time by about 15-20% against :func:`compiled_forward` (bench/explore_fused_input_grad.py,
     BENCHMARKS.md). Call it with the model's parameters frozen (:func:`frozen_parameters`).
     Where tracing or compiling fails, a warning is logged once and the step runs through
     :func:`compiled_forward` (itself eager where nothing compiles): same results, slower.
