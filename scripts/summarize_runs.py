@@ -104,9 +104,15 @@ def same_images(recheck: dict[str, Any], *, ids_seed: Any, num_images: Any, accu
         ids_seed, num_images, accuracy)
 
 
-#: What a re-evaluation replaces, per kind: the row's columns taken from eval.py's JSON blocks, and
-#: the block the re-evaluation must have (scripts/recheck_paper_protocol.sh MODE=btr / MODE=attack).
-RECHECK_KINDS = {"btr": (("btr",), "btr"), "attack": (("attack", "ensemble"), "ensemble")}
+#: Per kind of re-evaluation (scripts/recheck_paper_protocol.sh MODE=btr / MODE=attack): the row's
+#: columns taken from eval.py's JSON blocks, the block the re-evaluation must have, the prefixes of
+#: the warnings it replaces, its name in log lines and the command that makes it.
+RECHECK_KINDS = {
+    "btr": {"columns": ("btr",), "required": "btr", "warnings": ("btr:",), "name": "BTR", "a": "a BTR",
+            "make": "scripts/recheck_paper_protocol.sh"},
+    "attack": {"columns": ("attack", "ensemble"), "required": "ensemble", "warnings": ("attack:", "GRADIENT MASKING"),
+               "name": "Attack + ensemble", "a": "an Attack", "make": "scripts/recheck_paper_protocol.sh MODE=attack"},
+}
 
 
 def apply_rechecks(rows: list[dict[str, Any]], dirs: list[Path], *, kind: str = "btr") -> list[dict[str, Any]]:
@@ -121,7 +127,8 @@ def apply_rechecks(rows: list[dict[str, Any]], dirs: list[Path], *, kind: str = 
     (``fast, btr <- paper``); the evaluation's warnings about the replaced criterion are replaced
     by the re-evaluation's.
     """
-    columns, required = RECHECK_KINDS[kind]
+    spec = RECHECK_KINDS[kind]
+    columns = spec["columns"]
     rechecks: dict[str, dict] = {}
     for d in dirs:
         for f in sorted(Path(d).rglob("model.json")):
@@ -130,12 +137,11 @@ def apply_rechecks(rows: list[dict[str, Any]], dirs: list[Path], *, kind: str = 
                 rechecks[str(Path(j["checkpoint"]).parent.resolve())] = j
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 log.warning("skipping %s (%s: %s)", f, type(err).__name__, err)
-    what = "BTR" if kind == "btr" else "Attack + ensemble"
     out = []
     for r in rows:
         j = rechecks.get(str(Path(r["source"]).resolve()))
-        if j is None or not j.get(required):
-            log.info("leaving out %s: no %s re-evaluation for it under %s", r["source"], what, ", ".join(map(str, dirs)))
+        if j is None or not j.get(spec["required"]):
+            log.info("leaving out %s: no %s re-evaluation for it under %s", r["source"], spec["name"], ", ".join(map(str, dirs)))
             continue
         if r.get("ids_seed") is None:
             log.info("leaving out %s: no image draw recorded to check the re-evaluation's images against", r["source"])
@@ -152,16 +158,11 @@ def apply_rechecks(rows: list[dict[str, Any]], dirs: list[Path], *, kind: str = 
             if r_ens:  # robust accuracy at each eps = share of images whose ensemble r exceeds it
                 new["robust_acc"] = {e: sum(x > float(e) for x in r_ens) / len(r_ens) for e in r["robust_acc"]}
         # The evaluation's warnings about the replaced criterion are the re-evaluation's now.
-        mine = ("btr:",) if kind == "btr" else ("attack:", "GRADIENT MASKING")
+        mine = spec["warnings"]
         new["warnings"] = [w for w in r.get("warnings", []) if not w.startswith(mine)] + [
             w for w in j.get("warnings", []) if w.startswith(mine)]
         out.append(dict(r, **new, protocol=f"{r['protocol']}, {'+'.join(columns)} <- {prot}"))
     return out
-
-
-def apply_btr_rechecks(rows: list[dict[str, Any]], dirs: list[Path]) -> list[dict[str, Any]]:
-    """:func:`apply_rechecks` with ``kind="btr"``."""
-    return apply_rechecks(rows, dirs, kind="btr")
 
 
 def rows_from_wandb(path: str, group: str | None) -> list[dict[str, Any]]:
@@ -453,9 +454,8 @@ def main(argv: list[str] | None = None) -> int:
         found = bool(rows)
         rows = apply_rechecks(rows, dirs, kind=kind)
         if found and not rows:
-            log.error("%s: no run has a%s re-evaluation of its own images under %s (make them with scripts/recheck_paper_protocol.sh%s)",
-                      flag, " BTR" if kind == "btr" else "n Attack", ", ".join(map(str, dirs)) or "-",
-                      "" if kind == "btr" else " MODE=attack")
+            log.error("%s: no run has %s re-evaluation of its own images under %s (make them with %s)",
+                      flag, RECHECK_KINDS[kind]["a"], ", ".join(map(str, dirs)) or "-", RECHECK_KINDS[kind]["make"])
             return 1
     refs = reference_rows(args.reference)
     if not rows and not refs:

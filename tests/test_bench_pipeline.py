@@ -181,7 +181,7 @@ def test_btr_from_rechecks_replaces_btr_and_refuses_other_images(tmp_path, caplo
     recheck(other, 0.070, acc=0.88)  # not the benchmark's images: refused
     rows = [summarize_runs.row_from_bench(d / "bench.json", json.loads((d / "bench.json").read_text()))
             for d in (pgd, allr, other, lone)]
-    got = summarize_runs.apply_btr_rechecks(rows, [tmp_path / "paper"])
+    got = summarize_runs.apply_rechecks(rows, [tmp_path / "paper"], kind="btr")
     assert [r["family"] for r in got] == ["pgd", "all"]
     assert got[1]["btr"][0] == 0.086 and got[1]["attack"][0] == 0.047 and got[1]["protocol"] == "fast, btr <- paper"
     assert "saw other images" in caplog.text and "no BTR re-evaluation" in caplog.text
