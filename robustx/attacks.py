@@ -19,6 +19,7 @@ __all__ = [
     "rmse",
     "step_sizes",
     "criterion_mask",
+    "ce_input_grad",
     "engine_attack",
     "half_and_half_mask",
     "pgd_l2",
@@ -66,6 +67,21 @@ def criterion_mask(
         p = logits.float().softmax(1).gather(1, labels[:, None])[:, 0]
         return p > 1.0 / logits.size(1)
     raise ValueError(f"Unknown attack criterion '{criterion}'; choose one of {CRITERIA}.")
+
+
+def ce_input_grad(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's per-step quantities: (logits, d sum CE(model(x), labels) / dx), both detached.
+
+    Args:
+        model: (B, C_in, H, W) -> (B, C) logits.
+        x: (B, C_in, H, W) images (perturbed).
+        labels: (B,) classes.
+    """
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        logits = model(x)
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits.float(), labels, reduction="sum"), x)
+    return logits.detach(), grad
 
 
 def half_and_half_mask(batch: int, *, p: float = 0.5, device=None, generator=None) -> torch.Tensor:
@@ -127,20 +143,16 @@ def engine_attack(
     images = images.detach()
     if steps == 0 or eps == 0:
         return images
-    delta = torch.zeros_like(images, requires_grad=True)
+    delta = torch.zeros_like(images)
     mom = torch.zeros_like(images)
     keep = None if affected is None else affected.to(images.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    step = grad_fn or (lambda x, y: ce_input_grad(model, x, y))
     for t, ss in enumerate(step_sizes(eps, steps, overshoot=overshoot)):
-        if grad_fn is None:
-            logits = model(images + delta)
-            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, delta)
-        else:
-            logits, grad = grad_fn(images + delta.detach(), labels)
+        logits, grad = step(images + delta, labels)
         with torch.no_grad():
             if on_step is not None:
-                on_step(t, logits.detach(), delta.detach())
-            follow = criterion_mask(criterion, logits.detach(), labels, delta, eps=eps)
+                on_step(t, logits, delta)
+            follow = criterion_mask(criterion, logits, labels, delta, eps=eps)
             if targeted:
                 grad = -grad
             direction = torch.where(follow.view(-1, 1, 1, 1), grad, -delta)

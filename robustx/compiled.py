@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attacks import ce_input_grad
+
 __all__ = ["compiled_forward", "compiled_input_grad", "frozen_parameters"]
 
 log = logging.getLogger(__name__)
@@ -119,14 +121,6 @@ def _grad_and_logits(model: nn.Module, x: Tensor, labels: Tensor) -> tuple[Tenso
     return logits, grad
 
 
-def _eager_input_grad(net: Callable[[Tensor], Tensor], x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        logits = net(x)
-        (grad,) = torch.autograd.grad(F.cross_entropy(logits.float(), labels, reduction="sum"), x)
-    return logits.detach(), grad
-
-
 def compiled_input_grad(model: nn.Module) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """``(x, labels) -> (logits, d sum CE(model(x), labels) / dx)`` as one compiled graph (not in the paper).
 
@@ -163,7 +157,7 @@ def compiled_input_grad(model: nn.Module) -> Callable[[Tensor, Tensor], tuple[Te
                 _GRAD_UNAVAILABLE = True
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 log.warning("compiling the input gradient as one graph failed (%s); compiling the forward only.", first[:300])
-        return _eager_input_grad(fallback, x, labels)
+        return ce_input_grad(fallback, x, labels)
 
     return call
 
