@@ -128,9 +128,9 @@ def engine_attack(
         clip: keep images + delta inside [0, 1] (off in the paper).
         on_step: optional hook ``f(t, logits, delta)`` called after each forward (for
             minimal-perturbation tracking); ``logits`` correspond to the current delta.
-        grad_fn: optional ``f(x, labels) -> (logits, d sum CE(model(x), labels) / dx)`` used
-            instead of ``model`` plus autograd for each step (for example
-            :func:`robustx.compiled.compiled_input_grad`); it must compute the same thing.
+        grad_fn: ``f(x, labels) -> (logits, d sum CE(model(x), labels) / dx)`` for each step;
+            default :func:`ce_input_grad` on ``model`` (eager autograd). Anything else, such as
+            :func:`robustx.compiled.compiled_input_grad`, must compute the same thing.
     Returns:
         (B, C_in, H, W) perturbed images.
     """
