@@ -39,6 +39,21 @@ METHODS = {
         "penalty": True,
         "adversarial": {"kind": "l2min", "eps": 0.1, "steps": 7, "half_and_half": True, "attack_subset": True},
     },
+    "robust (fused)": {"name": "robust", "activation": "hhrelu", "penalty": True, "penalty_impl": "double_backprop_fused"},
+    "all (fused + attack_subset)": {
+        "name": "all",
+        "activation": "hhrelu",
+        "penalty": True,
+        "penalty_impl": "double_backprop_fused",
+        "adversarial": {"kind": "l2min", "eps": 0.1, "steps": 7, "half_and_half": True, "attack_subset": True},
+    },
+    "all (fused)": {
+        "name": "all",
+        "activation": "hhrelu",
+        "penalty": True,
+        "penalty_impl": "double_backprop_fused",
+        "adversarial": {"kind": "l2min", "eps": 0.1, "steps": 7, "half_and_half": True},
+    },
     "robust (finite_difference)": {"name": "robust", "activation": "hhrelu", "penalty": True, "penalty_impl": "finite_difference"},
     "all (finite_difference + attack_subset)": {
         "name": "all",

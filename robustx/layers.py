@@ -7,34 +7,42 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["half_huber_relu", "HalfHuberReLU", "swap_activations", "make_activation"]
+__all__ = ["half_huber_relu", "hhrelu_second_order", "HalfHuberReLU", "swap_activations", "make_activation"]
+
+
+def hhrelu_second_order(x: torch.Tensor, grad_out: torch.Tensor, gg: torch.Tensor, d: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of grad_in = grad_out * f'(x) w.r.t. (x, grad_out) for the upstream gradient gg.
+
+    f'(x) = clamp(x, 0, d) / d and f''(x) = 1/d inside the quadratic bowl (0 < x < d), 0 elsewhere.
+    All arguments have the same shape; d > 0.
+    """
+    slope = x.clamp(0, d) * (1.0 / d)
+    bowl = ((x > 0) & (x < d)).to(gg.dtype) * (1.0 / d)
+    return gg * grad_out * bowl, gg * slope
 
 
 class _HHReLUGrad(torch.autograd.Function):
     """grad_in = grad_out * clamp(x, 0, d) / d, itself differentiable once (for double backprop)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, grad_out: torch.Tensor, d: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, grad_out: torch.Tensor, d: float, kernel) -> torch.Tensor:
         ctx.save_for_backward(x, grad_out)
-        ctx.d = d
+        ctx.d, ctx.kernel = d, kernel
         return grad_out * x.clamp(0, d).mul_(1.0 / d)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gg: torch.Tensor):
         x, grad_out = ctx.saved_tensors
-        d = ctx.d
-        slope = x.clamp(0, d).mul_(1.0 / d)
-        # f''(x) = 1/d inside the quadratic bowl, 0 elsewhere.
-        bowl = ((x > 0) & (x < d)).to(gg.dtype).mul_(1.0 / d)
-        return gg * grad_out * bowl, gg * slope, None
+        gx, ggrad = ctx.kernel(x, grad_out, gg, ctx.d)
+        return gx, ggrad, None, None
 
 
 class _HHReLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, d: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, d: float, kernel) -> torch.Tensor:
         ctx.save_for_backward(x)
-        ctx.d = d
+        ctx.d, ctx.kernel = d, kernel
         c = x.clamp(0, d)
         # c^2/(2d) covers the bowl; relu(x - d) adds the linear part past d.
         return c.mul_(c).mul_(0.5 / d).add_(torch.relu(x - d))
@@ -42,7 +50,7 @@ class _HHReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (x,) = ctx.saved_tensors
-        return _HHReLUGrad.apply(x, grad_out, ctx.d), None
+        return _HHReLUGrad.apply(x, grad_out, ctx.d, ctx.kernel), None, None
 
 
 def half_huber_relu(x: torch.Tensor, d: float | torch.Tensor = 0.5) -> torch.Tensor:
@@ -60,11 +68,18 @@ def half_huber_relu(x: torch.Tensor, d: float | torch.Tensor = 0.5) -> torch.Ten
         x: any shape, any float dtype.
         d: width of the quadratic region, > 0 (paper: 0.5).
     """
-    return _HHReLU.apply(x, float(d))
+    return _HHReLU.apply(x, float(d), hhrelu_second_order)
 
 
 class HalfHuberReLU(nn.Module):
-    """Module form of :func:`half_huber_relu`; ``d`` is a buffer as in the authors' networks."""
+    """Module form of :func:`half_huber_relu`; ``d`` is a buffer as in the authors' networks.
+
+    ``second_order`` computes the second-derivative step of double backprop
+    (:func:`hhrelu_second_order` or a compiled version of it, set by
+    :func:`robustx.double_backprop.use_fused_double_backprop`).
+    """
+
+    second_order: Callable = staticmethod(hhrelu_second_order)
 
     def __init__(self, d: float = 0.5) -> None:
         super().__init__()
@@ -88,7 +103,7 @@ class HalfHuberReLU(nn.Module):
             return torch.where(x > d, x - 0.5 * d, r * r * (0.5 / d))
         # Reading a CPU buffer is free; on accelerators use the cached value (no device sync).
         d = float(self.d) if self.d.device.type == "cpu" else self._d
-        return _HHReLU.apply(x, d)
+        return _HHReLU.apply(x, d, self.second_order)
 
     def extra_repr(self) -> str:
         return f"d={float(self.d):g}"

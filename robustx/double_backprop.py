@@ -1,0 +1,220 @@
+"""Fused second-order kernels for the penalty's double backprop (exact; not in the paper).
+
+The penalty's parameter gradient (paper, Methods, "Lipschitz-inspired penalty") differentiates
+the input gradient once more. On a CPU the convolutions are then not the main cost: autograd
+runs BatchNorm's double backward as some forty separate elementwise and reduction kernels per
+layer (about 40% of a bf16 resnet44 robust step), and the half-Huber ReLU's as seven more.
+Here both are written out analytically and compiled with ``torch.compile``, so each becomes one
+or two fused kernels. The arithmetic is the same derivative (tests/test_double_backprop.py
+compares it with autograd's to float64 rounding); only the number of passes over memory changes.
+
+:func:`use_fused_double_backprop` switches a model over in place (``method.penalty_impl=
+double_backprop_fused``): every ``nn.BatchNorm2d`` becomes a :class:`FusedBatchNorm2d` (same
+parameters, buffers and state_dict) and every half-Huber ReLU gets the compiled kernel.
+
+BatchNorm in training mode, per channel over the M = N*H*W elements:
+``xh = (x - mean) * r`` with ``r = 1/sqrt(var + eps)``, ``y = w * xh + b``; its input gradient is
+``gx = w * r * P(a)`` for the output gradient ``a``, with the projection
+``P(u) = u - mean(u) - xh * mean(u * xh)``. For an upstream gradient ``v`` of ``gx``:
+
+* d/da:  ``w * r * P(v)``
+* d/dw:  ``r * Q`` with ``Q = sum(v * P(a))``
+* d/dx:  ``-w * r^2 * (Q/M * xh + mean(a * xh) * P(v) + mean(v * xh) * P(a))``
+
+plus, for upstream gradients ``vw``, ``vb`` of the weight and bias gradients (``sum(a * xh)``,
+``sum(a)``): ``vw * xh + vb`` to a and ``vw * r * P(a)`` to x.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .layers import HalfHuberReLU, hhrelu_second_order
+
+__all__ = ["bn_double_backward", "FusedBatchNorm2d", "use_fused_double_backprop"]
+
+log = logging.getLogger(__name__)
+
+
+def bn_double_backward(
+    x: Tensor,
+    a: Tensor,
+    v: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    vw: Tensor | None,
+    vb: Tensor | None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of BatchNorm's training-mode backward w.r.t. (x, a, weight) (module docstring).
+
+    Computed in float32 at least (float64 stays float64); the caller casts back.
+
+    Args:
+        x: (N, C, *) the BatchNorm input.
+        a: (N, C, *) the output gradient its backward received.
+        v: (N, C, *) upstream gradient of the input gradient, or None.
+        mean, invstd: (C,) the batch statistics saved by the forward.
+        weight: (C,) or None (affine=False).
+        vw, vb: (C,) upstream gradients of the weight and bias gradients, or None.
+    Returns:
+        (d/dx (N, C, *), d/da (N, C, *), d/dweight (C,)); None where nothing flows.
+    """
+    ct = torch.promote_types(x.dtype, torch.float32)
+    shape = (1, -1) + (1,) * (x.dim() - 2)  # per-channel values broadcast over (N, C, *)
+    dims = [0, *range(2, x.dim())]
+    m = x.numel() // x.size(1)
+    r = invstd.to(ct).view(shape)
+    xh = (x.to(ct) - mean.to(ct).view(shape)) * r
+    af = a.to(ct)
+    a_xh = (af * xh).mean(dims, keepdim=True)
+    pa = af - af.mean(dims, keepdim=True) - xh * a_xh  # P(a)
+    w = weight.to(ct).view(shape) if weight is not None else None
+    gx = ga = gw = None
+    if v is not None:
+        vf = v.to(ct)
+        v_xh = (vf * xh).mean(dims, keepdim=True)
+        pv = vf - vf.mean(dims, keepdim=True) - xh * v_xh  # P(v)
+        q = (vf * pa).sum(dims, keepdim=True)
+        wr = r if w is None else w * r
+        ga = wr * pv
+        gx = -(wr * r) * (q * (1.0 / m) * xh + a_xh * pv + v_xh * pa)
+        gw = (r * q).flatten() if weight is not None else None
+    if vw is not None:
+        vw_ = vw.to(ct).view(shape)
+        ga = vw_ * xh if ga is None else ga + vw_ * xh
+        gx = vw_ * r * pa if gx is None else gx + vw_ * r * pa
+    if vb is not None:
+        vb_ = vb.to(ct).view(shape)
+        ga = vb_ + torch.zeros_like(af) if ga is None else ga + vb_
+    return gx, ga, gw
+
+
+class _Kernel:
+    """A second-order kernel, compiled once per process on first use (eager where that fails).
+
+    Picklable (it holds a module-level function and a flag), so a model carrying it can be
+    copied to spawned processes.
+    """
+
+    _compiled: dict[Callable, Callable] = {}
+    _unavailable = False
+
+    def __init__(self, fn: Callable, compile: bool) -> None:
+        self.fn, self.compile = fn, compile
+
+    def __call__(self, *args):
+        cls = type(self)
+        if not self.compile or cls._unavailable:
+            return self.fn(*args)
+        compiled = cls._compiled.get(self.fn)
+        if compiled is None:
+            # dynamic=None: the first shape compiles static, later shapes one dynamic kernel.
+            compiled = cls._compiled[self.fn] = torch.compile(self.fn, fullgraph=True)
+        from .compiled import _compile_errors
+
+        try:
+            # Each layer shape, dtype and memory layout may compile once: allow them all.
+            with torch._dynamo.config.patch(recompile_limit=64):
+                return compiled(*args)
+        except _compile_errors() as err:
+            cls._unavailable = True
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            log.warning("torch.compile is unavailable here (%s); fused double-backprop kernels run eagerly.", first[:300])
+            return self.fn(*args)
+
+
+
+
+class _BatchNormBackward(torch.autograd.Function):
+    """BatchNorm's training-mode backward as a function of (a, x, weight), differentiable once."""
+
+    @staticmethod
+    def forward(ctx, a, x, weight, mean, invstd, eps: float, kernel):
+        ctx.set_materialize_grads(False)  # unused outputs (weight/bias gradients) send None, not zeros
+        ctx.save_for_backward(x, a, weight, mean, invstd)
+        ctx.kernel = kernel
+        affine = weight is not None
+        return torch.ops.aten.native_batch_norm_backward(a, x, weight, None, None, mean, invstd, True, eps, [True, affine, affine])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, v, vw, vb):
+        x, a, weight, mean, invstd = ctx.saved_tensors
+        gx, ga, gw = ctx.kernel(x, a, v, mean, invstd, weight, vw, vb)
+
+        def cast(t, like):
+            return None if t is None or like is None else t.to(like.dtype)
+
+        return cast(ga, a), cast(gx, x), cast(gw, weight), None, None, None, None
+
+
+class _BatchNormTrain(torch.autograd.Function):
+    """Training-mode BatchNorm (native kernels) whose backward is :class:`_BatchNormBackward`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float, kernel):
+        out, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps, ctx.kernel = eps, kernel
+        return out
+
+    @staticmethod
+    def backward(ctx, a):
+        x, weight, mean, invstd = ctx.saved_tensors
+        gx, gw, gb = _BatchNormBackward.apply(a, x, weight, mean, invstd, ctx.eps, ctx.kernel)
+        return gx, gw, gb, None, None, None, None, None
+
+
+class FusedBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose training-mode double backward runs the fused kernel.
+
+    Same parameters, buffers, state_dict and first-order arithmetic (the native kernels);
+    eval mode and no-grad calls are ``nn.BatchNorm2d``'s own. Made by
+    :func:`use_fused_double_backprop`, which sets ``compile_kernels``.
+    """
+
+    compile_kernels: bool = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        if not bn_training or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return super().forward(x)
+        self._check_input_dim(x)
+        # Running-statistics bookkeeping exactly as nn.BatchNorm2d.forward does it.
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        track = not self.training or self.track_running_stats
+        return _BatchNormTrain.apply(
+            x, self.weight, self.bias, self.running_mean if track else None, self.running_var if track else None,
+            factor, self.eps, _Kernel(bn_double_backward, self.compile_kernels),
+        )
+
+
+def use_fused_double_backprop(model: nn.Module, *, compile: bool = True) -> nn.Module:
+    """Give ``model`` the fused second-order kernels, in place, and return it.
+
+    Every ``nn.BatchNorm2d`` (exactly that class: subclasses such as SyncBatchNorm are left
+    alone) becomes a :class:`FusedBatchNorm2d` and every :class:`~robustx.layers.HalfHuberReLU`
+    gets the fused kernel for its second derivative. Parameters, buffers and state_dict keys
+    do not change, so checkpoints and exports are unaffected. Calling it again is harmless.
+
+    Args:
+        model: any nn.Module.
+        compile: compile the kernels with ``torch.compile`` (the first training step per layer
+            shape compiles, about 10-30 s on a CPU); False runs them eagerly (for debugging:
+            on a CPU that is no faster than autograd's own double backward).
+    """
+    for m in model.modules():
+        if type(m) is nn.BatchNorm2d or type(m) is FusedBatchNorm2d:
+            m.__class__ = FusedBatchNorm2d
+            m.compile_kernels = compile
+        elif isinstance(m, HalfHuberReLU):
+            m.second_order = _Kernel(hhrelu_second_order, compile)
+    return model
