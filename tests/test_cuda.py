@@ -169,6 +169,23 @@ def test_compiled_explanations_and_search_on_cuda_match_cpu_eager():
     assert all(p.requires_grad for p in gpu.parameters())
 
 
+def test_fused_double_backprop_matches_cpu_autograd():
+    """method.penalty_impl=double_backprop_fused compiled on the device = CPU autograd (float64)."""
+    torch.manual_seed(0)
+    cpu = SmallCNN(activation="hhrelu").double().train()
+    dev = SmallCNN(activation="hhrelu").double().train()
+    dev.load_state_dict(cpu.state_dict())
+    dev = dev.to(CUDA)
+    x, y = _batch(8)
+    grads = []
+    for model, impl, xx, yy in ((cpu, "double_backprop", x, y), (dev, "double_backprop_fused", x.to(CUDA), y.to(CUDA))):
+        cfg = MethodConfig.from_dict({"name": "robust", "activation": "hhrelu", "penalty": True, "penalty_impl": impl})
+        out = training_loss(model, xx, yy, cfg, cfg.make_psi(), generator=torch.Generator().manual_seed(3))
+        grads.append(torch.autograd.grad(out.loss, list(model.parameters())))
+    for g_dev, g_cpu in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_dev.cpu(), g_cpu, rtol=1e-7, atol=1e-9)
+
+
 @pytest.mark.parametrize("name", ["robust", "all", "pgd", "trades"])
 def test_training_loss_on_cuda(name):
     methods = {

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustx.double_backprop import FusedBatchNorm2d, _Kernel, bn_double_backward, use_fused_double_backprop
+from robustx.double_backprop import FusedBatchNorm2d, FusedConv2d, _Kernel, bn_double_backward, use_fused_double_backprop
 from robustx.layers import HalfHuberReLU
 from robustx.models import PreActResNet, SmallCNN
 from robustx.training import MethodConfig, training_loss
@@ -129,3 +129,39 @@ def test_fused_model_pickles_and_eval_mode_is_native():
     x = torch.rand(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(clone.eval()(x), model(x))
+
+
+@pytest.mark.parametrize("stride,groups,bias,channels_last", [(1, 1, False, False), (2, 1, True, True), (2, 2, True, False)])
+def test_conv_second_order_matches_autograd_float64(stride, groups, bias, channels_last):
+    torch.manual_seed(6)
+    native = nn.Conv2d(4, 6, 3, stride=stride, padding=1, groups=groups, bias=bias).double()
+    fused = use_fused_double_backprop(copy.deepcopy(native), compile=False)
+    assert type(fused) is FusedConv2d
+    x = torch.randn(3, 4, 7, 7, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for a, b in zip(_penalty_grads(native, x), _penalty_grads(fused, x)):
+        if a is None:
+            assert b is None or b.abs().max() == 0
+            continue
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    xr = x.clone().requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda t: fused(t).tanh(), (xr,))
+
+
+def test_conv_under_autocast_is_natives_arithmetic():
+    """First order, bf16 autocast: the same output and gradients as nn.Conv2d, bit for bit."""
+    torch.manual_seed(7)
+    native = nn.Conv2d(3, 8, 3, padding=1)
+    fused = use_fused_double_backprop(copy.deepcopy(native))
+    x = torch.rand(4, 3, 9, 9)
+    outs = []
+    for m in (native, fused):
+        xr = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(xr)
+        grads = torch.autograd.grad(y.float().square().sum(), [xr, m.weight, m.bias])
+        outs.append((y, *grads))
+    for a, b in zip(*outs):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
