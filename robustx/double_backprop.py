@@ -292,26 +292,30 @@ class FusedConv2d(nn.Conv2d):
             return _ConvTrain.apply(x, weight, bias, (list(self.stride), list(padding), list(self.dilation), self.groups))
 
 
-def use_fused_double_backprop(model: nn.Module, *, compile: bool = True) -> nn.Module:
+def use_fused_double_backprop(model: nn.Module, *, compile: bool | None = None) -> nn.Module:
     """Give ``model`` the fused second-order kernels, in place, and return it.
 
     Every ``nn.BatchNorm2d`` (exactly that class: subclasses such as SyncBatchNorm are left
     alone) becomes a :class:`FusedBatchNorm2d`, every ``nn.Conv2d`` a :class:`FusedConv2d`, and
-    every :class:`~robustx.layers.HalfHuberReLU` gets the fused kernel for its second derivative. Parameters, buffers and state_dict keys
-    do not change, so checkpoints and exports are unaffected. Calling it again is harmless.
+    every :class:`~robustx.layers.HalfHuberReLU` gets the fused kernel for its second derivative.
+    Parameters, buffers and state_dict keys do not change, so checkpoints and exports are
+    unaffected. Calling it again is cheap and converts only what is new.
 
     Args:
         model: any nn.Module.
-        compile: compile the kernels with ``torch.compile`` (the first training step per layer
-            shape compiles, about 10-30 s on a CPU); False runs them eagerly (for debugging:
-            on a CPU that is no faster than autograd's own double backward).
+        compile: compile the kernels with ``torch.compile`` (the first training steps compile,
+            about 10-30 s on a CPU); False runs them eagerly (for debugging: on a CPU that is no
+            faster than autograd's own double backward). None: True for layers converted now,
+            unchanged for layers converted before.
     """
     for m in model.modules():
         if type(m) is nn.Conv2d:
             m.__class__ = FusedConv2d
-        elif type(m) is nn.BatchNorm2d or type(m) is FusedBatchNorm2d:
+        elif type(m) is nn.BatchNorm2d:
             m.__class__ = FusedBatchNorm2d
+            m.compile_kernels = True if compile is None else compile
+        elif type(m) is FusedBatchNorm2d and compile is not None:
             m.compile_kernels = compile
-        elif isinstance(m, HalfHuberReLU):
-            m.second_order = _Kernel(hhrelu_second_order, compile)
+        elif isinstance(m, HalfHuberReLU) and (compile is not None or not isinstance(m.second_order, _Kernel)):
+            m.second_order = _Kernel(hhrelu_second_order, True if compile is None else compile)
     return model
