@@ -7,7 +7,9 @@ Methods: plain (standard CE, fp32, eager: the yardstick), robust (penalty + HHRe
 psi), all (robust + L2,min adversarial training + half-and-half), and all with
 adversarial.attack_subset=true (attack only the half that gets perturbed), each in fp32, in
 bf16-mixed autocast (trainer.precision=bf16-mixed) and in bf16-mixed with channels_last
-(channels_last=true). Prints a markdown table; --json writes the numbers.
+(channels_last=true). "(fused)" rows set method.penalty_impl=double_backprop_fused (the same
+gradient through robustx.double_backprop's kernels; the first steps compile, which the two
+warm-up steps absorb). Prints a markdown table; --json writes the numbers.
 """
 
 from __future__ import annotations

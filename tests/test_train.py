@@ -64,7 +64,9 @@ def test_demo_smoke_with_wandb_offline(tmp_path):
 
 def test_ddp_sim_ranks_share_psi(tmp_path):
     # l_target above the CE makes the integrator move, so psi differs unless CE is all-reduced.
-    run_train(tmp_path, "+experiment=demo", "trainer=ddp_sim", "logger=csv", "trainer.max_epochs=1", "method.l_target=3.0", *SMALL)
+    # The fused double-backprop kernels (compiled in each rank) ride along: they must work under DDP too.
+    run_train(tmp_path, "+experiment=demo", "trainer=ddp_sim", "logger=csv", "trainer.max_epochs=1", "method.l_target=3.0",
+              "method.penalty_impl=double_backprop_fused", *SMALL)
     (run,) = run_dirs(tmp_path)
     states = [json.loads((run / f"rank{r}_state.json").read_text()) for r in (0, 1)]
     assert states[0]["psi_integral"] > 0
