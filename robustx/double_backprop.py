@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .layers import HalfHuberReLU, hhrelu_second_order
+from .layers import HHRELU_KERNELS, HalfHuberReLU
 
 __all__ = ["bn_double_backward", "FusedBatchNorm2d", "FusedConv2d", "use_fused_double_backprop"]
 
@@ -297,8 +297,8 @@ def use_fused_double_backprop(model: nn.Module, *, compile: bool | None = None) 
 
     Every ``nn.BatchNorm2d`` (exactly that class: subclasses such as SyncBatchNorm are left
     alone) becomes a :class:`FusedBatchNorm2d`, every ``nn.Conv2d`` a :class:`FusedConv2d`, and
-    every :class:`~robustx.layers.HalfHuberReLU` gets the fused kernel for its second derivative.
-    Parameters, buffers and state_dict keys do not change, so checkpoints and exports are
+    every :class:`~robustx.layers.HalfHuberReLU` gets compiled kernels (value, gradient, second
+    derivative). Parameters, buffers and state_dict keys do not change, so checkpoints and exports are
     unaffected. Calling it again is cheap and converts only what is new.
 
     Args:
@@ -316,6 +316,6 @@ def use_fused_double_backprop(model: nn.Module, *, compile: bool | None = None) 
             m.compile_kernels = True if compile is None else compile
         elif type(m) is FusedBatchNorm2d and compile is not None:
             m.compile_kernels = compile
-        elif isinstance(m, HalfHuberReLU) and (compile is not None or not isinstance(m.second_order, _Kernel)):
-            m.second_order = _Kernel(hhrelu_second_order, True if compile is None else compile)
+        elif isinstance(m, HalfHuberReLU) and (compile is not None or m.kernels is HHRELU_KERNELS):
+            m.kernels = tuple(_Kernel(fn, True if compile is None else compile) for fn in HHRELU_KERNELS)
     return model

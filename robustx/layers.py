@@ -7,7 +7,19 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["half_huber_relu", "hhrelu_second_order", "HalfHuberReLU", "swap_activations", "make_activation"]
+__all__ = ["half_huber_relu", "HHRELU_KERNELS", "HalfHuberReLU", "swap_activations", "make_activation"]
+
+
+def hhrelu_value(x: torch.Tensor, d: float) -> torch.Tensor:
+    """f(x) (see :func:`half_huber_relu`)."""
+    c = x.clamp(0, d)
+    # c^2/(2d) covers the bowl; relu(x - d) adds the linear part past d.
+    return c.mul_(c).mul_(0.5 / d).add_(torch.relu(x - d))
+
+
+def hhrelu_grad(x: torch.Tensor, grad_out: torch.Tensor, d: float) -> torch.Tensor:
+    """grad_out * f'(x) with f'(x) = clamp(x, 0, d) / d."""
+    return grad_out * x.clamp(0, d).mul_(1.0 / d)
 
 
 def hhrelu_second_order(x: torch.Tensor, grad_out: torch.Tensor, gg: torch.Tensor, d: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,36 +33,39 @@ def hhrelu_second_order(x: torch.Tensor, grad_out: torch.Tensor, gg: torch.Tenso
     return gg * grad_out * bowl, gg * slope
 
 
+#: The half-Huber ReLU's three kernels (value, gradient, second-order step), in the order
+#: :class:`HalfHuberReLU` keeps them; robustx.double_backprop swaps in compiled versions.
+HHRELU_KERNELS = (hhrelu_value, hhrelu_grad, hhrelu_second_order)
+
+
 class _HHReLUGrad(torch.autograd.Function):
     """grad_in = grad_out * clamp(x, 0, d) / d, itself differentiable once (for double backprop)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, grad_out: torch.Tensor, d: float, kernel) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, grad_out: torch.Tensor, d: float, kernels) -> torch.Tensor:
         ctx.save_for_backward(x, grad_out)
-        ctx.d, ctx.kernel = d, kernel
-        return grad_out * x.clamp(0, d).mul_(1.0 / d)
+        ctx.d, ctx.kernels = d, kernels
+        return kernels[1](x, grad_out, d)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gg: torch.Tensor):
         x, grad_out = ctx.saved_tensors
-        gx, ggrad = ctx.kernel(x, grad_out, gg, ctx.d)
+        gx, ggrad = ctx.kernels[2](x, grad_out, gg, ctx.d)
         return gx, ggrad, None, None
 
 
 class _HHReLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, d: float, kernel) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, d: float, kernels) -> torch.Tensor:
         ctx.save_for_backward(x)
-        ctx.d, ctx.kernel = d, kernel
-        c = x.clamp(0, d)
-        # c^2/(2d) covers the bowl; relu(x - d) adds the linear part past d.
-        return c.mul_(c).mul_(0.5 / d).add_(torch.relu(x - d))
+        ctx.d, ctx.kernels = d, kernels
+        return kernels[0](x, d)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (x,) = ctx.saved_tensors
-        return _HHReLUGrad.apply(x, grad_out, ctx.d, ctx.kernel), None, None
+        return _HHReLUGrad.apply(x, grad_out, ctx.d, ctx.kernels), None, None
 
 
 def half_huber_relu(x: torch.Tensor, d: float | torch.Tensor = 0.5) -> torch.Tensor:
@@ -68,18 +83,17 @@ def half_huber_relu(x: torch.Tensor, d: float | torch.Tensor = 0.5) -> torch.Ten
         x: any shape, any float dtype.
         d: width of the quadratic region, > 0 (paper: 0.5).
     """
-    return _HHReLU.apply(x, float(d), hhrelu_second_order)
+    return _HHReLU.apply(x, float(d), HHRELU_KERNELS)
 
 
 class HalfHuberReLU(nn.Module):
     """Module form of :func:`half_huber_relu`; ``d`` is a buffer as in the authors' networks.
 
-    ``second_order`` computes the second-derivative step of double backprop
-    (:func:`hhrelu_second_order` or a compiled version of it, set by
-    :func:`robustx.double_backprop.use_fused_double_backprop`).
+    ``kernels`` compute its value, gradient and second-order step (:data:`HHRELU_KERNELS`, or
+    compiled versions set by :func:`robustx.double_backprop.use_fused_double_backprop`).
     """
 
-    second_order: Callable = staticmethod(hhrelu_second_order)
+    kernels: tuple[Callable, ...] = HHRELU_KERNELS
 
     def __init__(self, d: float = 0.5) -> None:
         super().__init__()
@@ -103,7 +117,7 @@ class HalfHuberReLU(nn.Module):
             return torch.where(x > d, x - 0.5 * d, r * r * (0.5 / d))
         # Reading a CPU buffer is free; on accelerators use the cached value (no device sync).
         d = float(self.d) if self.d.device.type == "cpu" else self._d
-        return _HHReLU.apply(x, d, self.second_order)
+        return _HHReLU.apply(x, d, self.kernels)
 
     def extra_repr(self) -> str:
         return f"d={float(self.d):g}"
