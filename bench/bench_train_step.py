@@ -9,7 +9,7 @@ adversarial.attack_subset=true (attack only the half that gets perturbed), each 
 bf16-mixed autocast (trainer.precision=bf16-mixed) and in bf16-mixed with channels_last
 (channels_last=true). "(fused)" rows set method.penalty_impl=double_backprop_fused (the same
 gradient through robustx.double_backprop's kernels; the first steps compile, which the two
-warm-up steps absorb). Prints a markdown table; --json writes the numbers.
+warm-up steps absorb); "compiled attack" rows set method.adversarial.compile=true. Prints a markdown table; --json writes the numbers.
 """
 
 from __future__ import annotations
@@ -55,6 +55,20 @@ METHODS = {
         "penalty": True,
         "penalty_impl": "double_backprop_fused",
         "adversarial": {"kind": "l2min", "eps": 0.1, "steps": 7, "half_and_half": True},
+    },
+    "all (fused + compiled attack)": {
+        "name": "all",
+        "activation": "hhrelu",
+        "penalty": True,
+        "penalty_impl": "double_backprop_fused",
+        "adversarial": {"kind": "l2min", "eps": 0.1, "steps": 7, "half_and_half": True, "compile": True},
+    },
+    "all (fused + compiled attack + attack_subset)": {
+        "name": "all",
+        "activation": "hhrelu",
+        "penalty": True,
+        "penalty_impl": "double_backprop_fused",
+        "adversarial": {"kind": "l2min", "eps": 0.1, "steps": 7, "half_and_half": True, "attack_subset": True, "compile": True},
     },
     "robust (finite_difference)": {"name": "robust", "activation": "hhrelu", "penalty": True, "penalty_impl": "finite_difference"},
     "all (finite_difference + attack_subset)": {

@@ -7,6 +7,7 @@ module calls and that users can call from their own loops.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from .adaptive import AdaptivePsi
 from .attacks import engine_attack, half_and_half_mask, pgd_l2, trades_adversary
+from .compiled import compiled_forward, frozen_parameters
 from .double_backprop import use_fused_double_backprop
 from .penalty import PENALTY_IMPLS, finite_difference_penalty, input_gradient_penalty
 
@@ -46,6 +48,9 @@ class AdversarialConfig:
     # Half-and-half: attack only the examples that get perturbed (about 2x cheaper). Off by
     # default: the authors attack the whole batch, so train-mode BatchNorm sees all of it.
     attack_subset: bool = False
+    # Run the attack's forward and input-gradient passes through torch.compile
+    # (robustx.compiled.compiled_forward; not in the paper): the same attack, fused arithmetic.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ADVERSARIAL_KINDS:
@@ -141,6 +146,17 @@ class _bn_mode:
         self.model.train(self.was)
 
 
+def _attack_forward(model: nn.Module, cfg: AdversarialConfig):
+    """(the attack's forward, the context to run it in): compiled with frozen parameters when ``cfg.compile``.
+
+    The attack differentiates w.r.t. the images only; frozen parameters keep the compiled backward
+    from computing weight gradients nobody reads.
+    """
+    if cfg.compile:
+        return compiled_forward(model), frozen_parameters(model)
+    return model, nullcontext()
+
+
 def make_adversarial(
     model: nn.Module,
     images: torch.Tensor,
@@ -162,10 +178,11 @@ def make_adversarial(
             sub = AdversarialConfig(**{**asdict(cfg), "half_and_half": False})
             adv[idx] = make_adversarial(model, images[idx], labels[idx], sub, generator=generator)
         return adv
-    with _bn_mode(model, cfg.bn_mode):
+    net, frozen = _attack_forward(model, cfg)
+    with _bn_mode(model, cfg.bn_mode), frozen:
         if cfg.kind in ("l2", "l2min"):
             return engine_attack(
-                model,
+                net,
                 images,
                 labels,
                 eps=cfg.eps,
@@ -176,7 +193,7 @@ def make_adversarial(
                 clip=cfg.clip,
             )
         adv = pgd_l2(
-            model,
+            net,
             images,
             labels,
             eps=cfg.eps,
@@ -243,9 +260,10 @@ def training_loss(
     ce = F.cross_entropy(logits.float(), labels)
     loss = ce
     if adv_cfg.kind == "trades":
-        with _bn_mode(model, adv_cfg.bn_mode):
+        net, frozen = _attack_forward(model, adv_cfg)
+        with _bn_mode(model, adv_cfg.bn_mode), frozen:
             x_adv = trades_adversary(
-                model, images, eps=adv_cfg.eps, steps=adv_cfg.steps, step_size=adv_cfg.step_size, generator=generator
+                net, images, eps=adv_cfg.eps, steps=adv_cfg.steps, step_size=adv_cfg.step_size, generator=generator
             )
         kl = F.kl_div(
             F.log_softmax(model(x_adv).float(), 1), F.softmax(logits.float(), 1), reduction="batchmean"

@@ -165,3 +165,23 @@ def test_conv_under_autocast_is_natives_arithmetic():
     for a, b in zip(*outs):
         assert a.dtype == b.dtype
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_compiled_attack_in_train_mode_matches_eager():
+    """method.adversarial.compile: the same L2,min attack (train-mode BatchNorm), parameters restored."""
+    from robustx.training import AdversarialConfig, make_adversarial
+
+    torch.manual_seed(8)
+    model = SmallCNN(activation="hhrelu").train()
+    twin = copy.deepcopy(model)
+    x = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():
+        y = copy.deepcopy(model)(x).argmax(1)  # correct to start with, so L2,min pushes every image
+    cfg = AdversarialConfig(kind="l2min", eps=0.1, steps=7, half_and_half=True)
+    eager = make_adversarial(model, x, y, cfg, generator=torch.Generator().manual_seed(1))
+    compiled = make_adversarial(twin, x, y, AdversarialConfig(**{**cfg.__dict__, "compile": True}), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
+    assert (compiled != x).flatten(1).any(1).sum() >= 2  # half-and-half: about half of the 8 perturbed
+    # Train-mode BatchNorm statistics moved the same way; parameters require grad again.
+    torch.testing.assert_close(twin.features[1].running_mean, model.features[1].running_mean, rtol=1e-4, atol=1e-5)
+    assert all(p.requires_grad for p in twin.parameters())
