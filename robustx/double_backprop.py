@@ -128,8 +128,6 @@ class _Kernel:
             return self.fn(*args)
 
 
-
-
 class _BatchNormBackward(torch.autograd.Function):
     """BatchNorm's training-mode backward as a function of (a, x, weight), differentiable once."""
 
@@ -277,19 +275,18 @@ class FusedConv2d(nn.Conv2d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (self.training and torch.is_grad_enabled()) or self.padding_mode != "zeros" or torch.compiler.is_compiling():
+        native = not (self.training and torch.is_grad_enabled()) or torch.compiler.is_compiling()
+        if native or self.padding_mode != "zeros" or isinstance(self.padding, str):  # "same"/"valid" stay native too
             return super().forward(x)
         weight, bias = self.weight, self.bias
         kind = x.device.type
         if torch.is_autocast_enabled(kind):
+            # Autocast's rule for convolutions: floating inputs other than float64 go to its dtype.
             dtype = torch.get_autocast_dtype(kind)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
-        padding = self.padding
-        if isinstance(padding, str):  # "same" / "valid": let the native module handle it
-            return super().forward(x)
+            x, weight = (t.to(dtype) if t.dtype != torch.float64 else t for t in (x, weight))
+            bias = bias if bias is None or bias.dtype == torch.float64 else bias.to(dtype)
         with torch.autocast(kind, enabled=False):
-            return _ConvTrain.apply(x, weight, bias, (list(self.stride), list(padding), list(self.dilation), self.groups))
+            return _ConvTrain.apply(x, weight, bias, (list(self.stride), list(self.padding), list(self.dilation), self.groups))
 
 
 def use_fused_double_backprop(model: nn.Module, *, compile: bool | None = None) -> nn.Module:
