@@ -13,12 +13,26 @@ from robustx.models import PreActResNet, SmallCNN
 from robustx.training import MethodConfig, training_loss
 
 
-def _penalty_grads(bn: nn.Module, x: torch.Tensor, *, order: int = 2) -> list[torch.Tensor]:
-    """d/d(x, weight, bias) of |d sum(sin(bn(x))) / dx|^2: a penalty-shaped second-order quantity."""
+def _penalty_grads(layer: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """d/d(x, weight, bias) of |d sum(sin(layer(x))) / dx|^2: a penalty-shaped second-order quantity."""
     x = x.detach().clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(bn(x).sin().sum(), x, create_graph=True)
-    params = [p for p in (bn.weight, bn.bias) if p is not None]
+    (g,) = torch.autograd.grad(layer(x).sin().sum(), x, create_graph=True)
+    params = [p for p in (layer.weight, layer.bias) if p is not None]
     return list(torch.autograd.grad(g.pow(2).sum(), [x, *params], allow_unused=True))
+
+
+def _assert_same_second_order(native: nn.Module, fused_type: type, x: torch.Tensor, channels_last: bool) -> nn.Module:
+    """A fused copy of ``native`` gives autograd's penalty-shaped second-order gradients (float64)."""
+    fused = use_fused_double_backprop(copy.deepcopy(native), compile=False)
+    assert type(fused) is fused_type
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for a, b in zip(_penalty_grads(native, x), _penalty_grads(fused, x)):
+        if a is None:
+            assert b is None or b.abs().max() == 0
+            continue
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    return fused
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -30,16 +44,7 @@ def test_batchnorm_second_order_matches_autograd_float64(affine, channels_last):
         with torch.no_grad():
             native.weight.normal_()
             native.bias.normal_()
-    fused = use_fused_double_backprop(copy.deepcopy(native), compile=False)
-    assert type(fused) is FusedBatchNorm2d
-    x = torch.randn(4, 3, 5, 6, dtype=torch.float64)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    for a, b in zip(_penalty_grads(native, x), _penalty_grads(fused, x)):
-        if a is None:
-            assert b is None or b.abs().max() == 0
-            continue
-        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    fused = _assert_same_second_order(native, FusedBatchNorm2d, torch.randn(4, 3, 5, 6, dtype=torch.float64), channels_last)
     # The forward's running-statistics bookkeeping is nn.BatchNorm2d's.
     torch.testing.assert_close(fused.running_mean, native.running_mean, rtol=0, atol=0)
     torch.testing.assert_close(fused.running_var, native.running_var, rtol=0, atol=0)
@@ -135,16 +140,8 @@ def test_fused_model_pickles_and_eval_mode_is_native():
 def test_conv_second_order_matches_autograd_float64(stride, groups, bias, channels_last):
     torch.manual_seed(6)
     native = nn.Conv2d(4, 6, 3, stride=stride, padding=1, groups=groups, bias=bias).double()
-    fused = use_fused_double_backprop(copy.deepcopy(native), compile=False)
-    assert type(fused) is FusedConv2d
     x = torch.randn(3, 4, 7, 7, dtype=torch.float64)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    for a, b in zip(_penalty_grads(native, x), _penalty_grads(fused, x)):
-        if a is None:
-            assert b is None or b.abs().max() == 0
-            continue
-        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    fused = _assert_same_second_order(native, FusedConv2d, x, channels_last)
     xr = x.clone().requires_grad_(True)
     assert torch.autograd.gradgradcheck(lambda t: fused(t).tanh(), (xr,))
 
