@@ -1,16 +1,19 @@
 """Fused second-order kernels for the penalty's double backprop (exact; not in the paper).
 
 The penalty's parameter gradient (paper, Methods, "Lipschitz-inspired penalty") differentiates
-the input gradient once more. On a CPU the convolutions are then not the main cost: autograd
-runs BatchNorm's double backward as some forty separate elementwise and reduction kernels per
-layer (about 40% of a bf16 resnet44 robust step), and the half-Huber ReLU's as seven more.
-Here both are written out analytically and compiled with ``torch.compile``, so each becomes one
-or two fused kernels. The arithmetic is the same derivative (tests/test_double_backprop.py
-compares it with autograd's to float64 rounding); only the number of passes over memory changes.
+the input gradient once more. On a CPU autograd's second derivatives, not the convolutions'
+arithmetic, were then the main cost of a bf16 resnet44 robust step (BENCHMARKS.md): BatchNorm's
+double backward ran as some forty separate elementwise and reduction kernels per layer (~40% of
+the step), the half-Huber ReLU's as seven more, and a convolution's got its weight term from a
+convolution whose kernel is the whole feature map (~15%). Here each is written out analytically:
+BatchNorm's and the activation's compiled with ``torch.compile`` into one or two fused kernels,
+the convolution's from ``conv(v, W)`` and the weight-gradient kernel. The arithmetic is the same
+derivative (tests/test_double_backprop.py compares it with autograd's to float64 rounding).
 
 :func:`use_fused_double_backprop` switches a model over in place (``method.penalty_impl=
-double_backprop_fused``): every ``nn.BatchNorm2d`` becomes a :class:`FusedBatchNorm2d` (same
-parameters, buffers and state_dict) and every half-Huber ReLU gets the compiled kernel.
+double_backprop_fused``): ``nn.BatchNorm2d`` -> :class:`FusedBatchNorm2d`, ``nn.Conv2d`` ->
+:class:`FusedConv2d` (same parameters, buffers and state_dict) and half-Huber ReLUs get compiled
+kernels.
 
 BatchNorm in training mode, per channel over the M = N*H*W elements:
 ``xh = (x - mean) * r`` with ``r = 1/sqrt(var + eps)``, ``y = w * xh + b``; its input gradient is
