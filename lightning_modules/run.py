@@ -239,7 +239,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         tmp = output_dir / "metrics.json.tmp"
         tmp.write_text(json.dumps(result, indent=2))
         os.replace(tmp, output_dir / "metrics.json")
-        log.info("Final metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
+        # 4 significant digits: the penalty (~1e-5) would read 0.0 rounded to 4 decimals.
+        log.info("Final metrics: %s", {k: float(f"{v:.4g}") for k, v in metrics.items()})
         if cfg.get("bench") and cfg.bench.get("evaluate"):
             # The benchmark protocol (conf/experiment/bench_*.yaml): bench.json in the run folder.
             from .bench import evaluate_run, scalar_metrics
