@@ -8,8 +8,9 @@ forward and input gradient as one graph with inductor's C++ wrapper on a CPU (us
 adversarial explanations, batches of ~10, where per-kernel launch overhead matters). On the
 project's 2-core CPU, bf16 autocast + channels_last + either makes resnet44's forward + input
 gradient about 2-2.5x faster than the eager fp32 loop (bench/bench_explain.py,
-bench/bench_ara.py, BENCHMARKS.md). Double backprop (the training penalty) cannot run through
-compiled graphs; training does not use this.
+bench/bench_ara.py, BENCHMARKS.md). Training uses :func:`compiled_forward` for its attack when
+``method.adversarial.compile`` is set; the penalty's double backprop cannot run through compiled
+graphs (robustx.double_backprop compiles its second-order kernels instead).
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ def _forward(model: nn.Module, x: Tensor) -> Tensor:
     return model(x)
 
 
+def _first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name if empty), at most 300 characters."""
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:300]
+
+
 def _compile_errors() -> tuple[type[BaseException], ...]:
     """Exceptions meaning "this machine cannot compile" (no C++ compiler, no Triton, ...)."""
     errors: list[type[BaseException]] = []
@@ -101,8 +108,7 @@ def compiled_forward(model: nn.Module) -> Callable[[Tensor], Tensor]:
             return fn(model, x)
         except _compile_errors() as err:
             _UNAVAILABLE = True
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            log.warning("torch.compile is unavailable here (%s); running eagerly. Set compile=false to skip it.", first[:300])
+            log.warning("torch.compile is unavailable here (%s); running eagerly. Set compile=false to skip it.", _first_line(err))
             return model(x)
 
     return call
@@ -155,8 +161,7 @@ def compiled_input_grad(model: nn.Module) -> Callable[[Tensor, Tensor], tuple[Te
                     return fn(model, x, labels)
             except (*_compile_errors(), *_trace_errors()) as err:
                 _GRAD_UNAVAILABLE = True
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                log.warning("compiling the input gradient as one graph failed (%s); compiling the forward only.", first[:300])
+                log.warning("compiling the input gradient as one graph failed (%s); compiling the forward only.", _first_line(err))
         return ce_input_grad(fallback, x, labels)
 
     return call

@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .compiled import _compile_errors, _first_line
 from .layers import HHRELU_KERNELS, HalfHuberReLU
 
 __all__ = ["bn_double_backward", "FusedBatchNorm2d", "FusedConv2d", "use_fused_double_backprop"]
@@ -118,16 +119,13 @@ class _Kernel:
         if compiled is None:
             # dynamic=None: the first shape compiles static, later shapes one dynamic kernel.
             compiled = cls._compiled[self.fn] = torch.compile(self.fn, fullgraph=True)
-        from .compiled import _compile_errors
-
         try:
             # Each layer shape, dtype and memory layout may compile once: allow them all.
             with torch._dynamo.config.patch(recompile_limit=64):
                 return compiled(*args)
         except _compile_errors() as err:
             cls._unavailable = True
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            log.warning("torch.compile is unavailable here (%s); fused double-backprop kernels run eagerly.", first[:300])
+            log.warning("torch.compile is unavailable here (%s); fused double-backprop kernels run eagerly.", _first_line(err))
             return self.fn(*args)
 
 
@@ -176,10 +174,10 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
 
     Same parameters, buffers, state_dict and first-order arithmetic (the native kernels);
     eval mode and no-grad calls are ``nn.BatchNorm2d``'s own. Made by
-    :func:`use_fused_double_backprop`, which sets ``compile_kernels``.
+    :func:`use_fused_double_backprop`, which sets ``second_order`` (compiled or eager).
     """
 
-    compile_kernels: bool = True
+    second_order: Callable = _Kernel(bn_double_backward, True)
 
     def forward(self, x: Tensor) -> Tensor:
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
@@ -194,7 +192,7 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         track = not self.training or self.track_running_stats
         return _BatchNormTrain.apply(
             x, self.weight, self.bias, self.running_mean if track else None, self.running_var if track else None,
-            factor, self.eps, _Kernel(bn_double_backward, self.compile_kernels),
+            factor, self.eps, self.second_order,
         )
 
 
@@ -230,9 +228,9 @@ class _ConvInputGrad(torch.autograd.Function):
     def backward(ctx, v):
         grad_out, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.args
-        g_out = g_w = None
         if v is None:
             return None, None, None, None
+        g_out = g_w = None
         if ctx.needs_input_grad[0]:  # d<v, conv^T(grad_out; W)>/d grad_out = conv(v; W)
             g_out = torch.ops.aten.convolution(v, weight, None, stride, padding, dilation, False, [0, 0], groups)
         if ctx.needs_input_grad[2]:  # ... and d/dW: the weight gradient of conv(v; W) for grad_out
@@ -311,11 +309,9 @@ def use_fused_double_backprop(model: nn.Module, *, compile: bool | None = None) 
     for m in model.modules():
         if type(m) is nn.Conv2d:
             m.__class__ = FusedConv2d
-        elif type(m) is nn.BatchNorm2d:
+        elif type(m) is nn.BatchNorm2d or (type(m) is FusedBatchNorm2d and compile is not None):
             m.__class__ = FusedBatchNorm2d
-            m.compile_kernels = True if compile is None else compile
-        elif type(m) is FusedBatchNorm2d and compile is not None:
-            m.compile_kernels = compile
+            m.second_order = _Kernel(bn_double_backward, True if compile is None else compile)
         elif isinstance(m, HalfHuberReLU) and (compile is not None or m.kernels is HHRELU_KERNELS):
             m.kernels = tuple(_Kernel(fn, True if compile is None else compile) for fn in HHRELU_KERNELS)
     return model
