@@ -26,58 +26,28 @@ import torch
 from robustx.models import SmallCNN, resnet44
 from robustx.training import MethodConfig, training_loss
 
+def _paper(penalty_impl: str = "double_backprop", attack: dict | None = None) -> dict:
+    """The paper's robust method (penalty + HHReLU + adaptive psi); with ``attack`` (options added to
+    L2,min adversarial training, eps 0.1, 7 steps, half-and-half) its ``all`` method."""
+    method = {"name": "robust", "activation": "hhrelu", "penalty": True, "penalty_impl": penalty_impl}
+    if attack is not None:
+        method.update(name="all", adversarial={"kind": "l2min", "eps": 0.1, "steps": 7, "half_and_half": True, **attack})
+    return method
+
+
+FUSED, SUBSET, COMPILED = "double_backprop_fused", {"attack_subset": True}, {"compile": True}
 METHODS = {
     "plain": {"name": "standard"},
-    "robust": {"name": "robust", "activation": "hhrelu", "penalty": True},
-    "all": {
-        "name": "all",
-        "activation": "hhrelu",
-        "penalty": True,
-        "adversarial": {"kind": "l2min", "eps": 0.1, "steps": 7, "half_and_half": True},
-    },
-    "all (attack_subset)": {
-        "name": "all",
-        "activation": "hhrelu",
-        "penalty": True,
-        "adversarial": {"kind": "l2min", "eps": 0.1, "steps": 7, "half_and_half": True, "attack_subset": True},
-    },
-    "robust (fused)": {"name": "robust", "activation": "hhrelu", "penalty": True, "penalty_impl": "double_backprop_fused"},
-    "all (fused + attack_subset)": {
-        "name": "all",
-        "activation": "hhrelu",
-        "penalty": True,
-        "penalty_impl": "double_backprop_fused",
-        "adversarial": {"kind": "l2min", "eps": 0.1, "steps": 7, "half_and_half": True, "attack_subset": True},
-    },
-    "all (fused)": {
-        "name": "all",
-        "activation": "hhrelu",
-        "penalty": True,
-        "penalty_impl": "double_backprop_fused",
-        "adversarial": {"kind": "l2min", "eps": 0.1, "steps": 7, "half_and_half": True},
-    },
-    "all (fused + compiled attack)": {
-        "name": "all",
-        "activation": "hhrelu",
-        "penalty": True,
-        "penalty_impl": "double_backprop_fused",
-        "adversarial": {"kind": "l2min", "eps": 0.1, "steps": 7, "half_and_half": True, "compile": True},
-    },
-    "all (fused + compiled attack + attack_subset)": {
-        "name": "all",
-        "activation": "hhrelu",
-        "penalty": True,
-        "penalty_impl": "double_backprop_fused",
-        "adversarial": {"kind": "l2min", "eps": 0.1, "steps": 7, "half_and_half": True, "attack_subset": True, "compile": True},
-    },
-    "robust (finite_difference)": {"name": "robust", "activation": "hhrelu", "penalty": True, "penalty_impl": "finite_difference"},
-    "all (finite_difference + attack_subset)": {
-        "name": "all",
-        "activation": "hhrelu",
-        "penalty": True,
-        "penalty_impl": "finite_difference",
-        "adversarial": {"kind": "l2min", "eps": 0.1, "steps": 7, "half_and_half": True, "attack_subset": True},
-    },
+    "robust": _paper(),
+    "all": _paper(attack={}),
+    "all (attack_subset)": _paper(attack=SUBSET),
+    "robust (fused)": _paper(FUSED),
+    "all (fused + attack_subset)": _paper(FUSED, SUBSET),
+    "all (fused)": _paper(FUSED, {}),
+    "all (fused + compiled attack)": _paper(FUSED, COMPILED),
+    "all (fused + compiled attack + attack_subset)": _paper(FUSED, {**SUBSET, **COMPILED}),
+    "robust (finite_difference)": _paper("finite_difference"),
+    "all (finite_difference + attack_subset)": _paper("finite_difference", SUBSET),
 }
 PATHS = {"fp32 eager": (False, False), "bf16-mixed": (True, False), "bf16-mixed + channels_last": (True, True)}
 
