@@ -8,8 +8,11 @@ bf16 + channels_last, each also with ``compile=True`` (torch.compile; its compil
 2-step warm-up call on the same batch, is reported in its own column and not in the search's
 seconds), bf16 rows also with 10 fp32 bisection steps ("refine 10") that move each found
 perturbation to the fp32 criterion boundary, and the "fast" protocol (T=112, path 2, bisection 10; fp32 and bf16) whose r_i
-and ARAs are compared with the paper-protocol yardstick. For each path: image-steps per second, speed-up over the yardstick,
-the median relative difference of r_i to the fp32 yardstick, and both ARAs. Images: the
+and ARAs are compared with the paper-protocol yardstick. For each path: image-steps per second (the yardstick's
+T steps for every image over the path's seconds), speed-up over the yardstick, the images it searched (the project's
+search skips images failing unperturbed, whose r is 0; the yardstick runs them too, their delta staying 0), the
+speed-up per searched image-step (the same work on both sides), the median relative difference of r_i to the fp32
+yardstick, and both ARAs. Images: the
 CIFAR-10 JPEG test split when ../shared is there, else random images.
 """
 
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from robustx.ara import PROTOCOLS, ara_exact, minimal_perturbation
+from robustx.ara import PROTOCOLS, ara_exact, minimal_perturbation, passes_criterion
 from robustx.models import resnet44
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,15 +115,19 @@ def main() -> None:
     kw = dict(steps=args.steps, eps=args.eps, momentum=args.momentum)
     print(f"# ARA search, resnet44 ({Path(args.ckpt).name if Path(args.ckpt).is_file() else 'random init'}), "
           f"{args.images} images, {args.steps} steps, {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}")
-    print("| path | mode | s | image-steps/s | x yardstick | median rel. diff r vs fp32 | ARA | ARA rel. diff | compile s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| path | mode | s | image-steps/s | x yardstick | searched | x yardstick per searched image-step "
+          "| median rel. diff r vs fp32 | ARA | ARA rel. diff | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for mode in args.modes:
+        with torch.no_grad():  # the project's search skips images failing unperturbed (r = 0)
+            searched = int(passes_criterion(model(x), y, mode).sum())
         t0 = time.perf_counter()
         r_ref = yardstick(model, x, y, mode=mode, **kw)
         base = time.perf_counter() - t0
         r_ref = torch.where(torch.isfinite(r_ref), r_ref, torch.zeros_like(r_ref))
         ara_ref = ara_exact(r_ref, 10)
-        print(f"| yardstick fp32 loop | {mode} | {base:.1f} | {args.images * args.steps / base:.1f} | 1.00 | - | {ara_ref:.5f} | - | - |",
+        print(f"| yardstick fp32 loop | {mode} | {base:.1f} | {args.images * args.steps / base:.1f} | 1.00 | {args.images} | 1.00 "
+              f"| - | {ara_ref:.5f} | - | - |",
               flush=True)
         for name in args.paths:
             dtype, cl, proto, comp, refine = PATHS[name]
@@ -140,7 +147,10 @@ def main() -> None:
             both = (r_ref > 0) & (res.r > 0)
             rel = ((res.r - r_ref).abs() / r_ref.clamp(min=1e-12))[both].median().item() if both.any() else 0.0
             ara = ara_exact(res.r, 10)
-            print(f"| {name} | {mode} | {sec:.1f} | {args.images * pkw['steps'] / sec:.1f} | {base / sec:.2f} | {rel:.4f} | {ara:.5f} | {abs(ara - ara_ref) / max(ara_ref, 1e-12):.4f} | {warm} |",
+            # Per searched image-step: the yardstick's seconds per image-step over this path's.
+            per_step = (base / (args.images * args.steps)) / (sec / (searched * pkw["steps"])) if searched else float("nan")
+            print(f"| {name} | {mode} | {sec:.1f} | {args.images * pkw['steps'] / sec:.1f} | {base / sec:.2f} | {searched} | {per_step:.2f} "
+                  f"| {rel:.4f} | {ara:.5f} | {abs(ara - ara_ref) / max(ara_ref, 1e-12):.4f} | {warm} |",
                   flush=True)
         model = model.to(memory_format=torch.contiguous_format)
 

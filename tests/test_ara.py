@@ -187,6 +187,31 @@ def test_results_independent_of_batch_size():
     torch.testing.assert_close(full, parts, rtol=1e-4, atol=1e-6)
 
 
+def test_images_failing_clean_skip_the_search_exactly():
+    """r = 0 for images failing unperturbed, without a search step on them; the others as if searched alone."""
+    model, x, y = _tiny_trained_cnn()
+    y = model(x).argmax(1)
+    y[::3] = (y[::3] + 1) % 10  # a third misclassified from the start
+    wrong = torch.zeros(len(y), dtype=torch.bool)
+    wrong[::3] = True
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, args: seen.append(args[0].size(0)))
+    try:
+        res = minimal_perturbation(model, x, y, mode="attack", steps=30, eps=2.0, momentum=0.9)
+    finally:
+        hook.remove()
+    # One full-precision clean pass and one re-check on all images; every search step on the rest.
+    assert seen.count(len(y)) == 2 and seen.count(int((~wrong).sum())) >= 30
+    assert (res.r[wrong] == 0).all() and res.found[wrong].all() and (res.first_fail_step[wrong] == 0).all()
+    assert res.rechecked[wrong].all() and torch.equal(res.adversarial[wrong], x[wrong])
+    alone = minimal_perturbation(model, x[~wrong], y[~wrong], mode="attack", steps=30, eps=2.0, momentum=0.9)
+    torch.testing.assert_close(res.r[~wrong], alone.r, rtol=1e-4, atol=1e-6)
+    assert torch.equal(res.first_fail_step[~wrong], alone.first_fail_step)
+    # With no steps nothing is searched and nothing is found, as before.
+    none = minimal_perturbation(model, x, y, mode="attack", steps=0)
+    assert not none.found.any() and (none.first_fail_step == -1).all()
+
+
 @pytest.mark.slow
 def test_compiled_search_matches_eager_and_restores_parameters():
     """compile=True runs the same search: r_i equal up to fused-kernel rounding, params unfrozen after."""
