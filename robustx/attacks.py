@@ -21,6 +21,7 @@ __all__ = [
     "criterion_mask",
     "ce_input_grad",
     "engine_attack",
+    "engine_update",
     "half_and_half_mask",
     "pgd_l2",
     "trades_adversary",
@@ -105,6 +106,7 @@ def engine_attack(
     clip: bool = False,
     on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     grad_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    step_fn: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Run the paper's attack engine and return the perturbed images (detached).
 
@@ -131,6 +133,10 @@ def engine_attack(
         grad_fn: ``f(x, labels) -> (logits, d sum CE(model(x), labels) / dx)`` for each step;
             default :func:`ce_input_grad` on ``model`` (eager autograd). Anything else, such as
             :func:`robustx.compiled.compiled_input_grad`, must compute the same thing.
+        step_fn: a whole step instead of ``grad_fn`` and :func:`engine_update`:
+            ``f(images, delta, mom, labels, ss, keep, **rule) -> (logits, new delta, new mom)``
+            with rule = criterion, eps, momentum, targeted, clip (e.g.
+            :func:`robustx.compiled.compiled_engine_step`, one compiled graph per step).
     Returns:
         (B, C_in, H, W) perturbed images.
     """
@@ -146,26 +152,66 @@ def engine_attack(
     delta = torch.zeros_like(images)
     mom = torch.zeros_like(images)
     keep = None if affected is None else affected.to(images.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    rule = dict(criterion=criterion, eps=eps, momentum=momentum, targeted=targeted, clip=clip)
     step = grad_fn or (lambda x, y: ce_input_grad(model, x, y))
     for t, ss in enumerate(step_sizes(eps, steps, overshoot=overshoot)):
+        if step_fn is not None:
+            logits, new_delta, mom = step_fn(images, delta, mom, labels, ss, keep, **rule)
+            if on_step is not None:
+                on_step(t, logits, delta)
+            delta = new_delta
+            continue
         logits, grad = step(images + delta, labels)
         with torch.no_grad():
             if on_step is not None:
                 on_step(t, logits, delta)
-            follow = criterion_mask(criterion, logits, labels, delta, eps=eps)
-            if targeted:
-                grad = -grad
-            direction = torch.where(follow.view(-1, 1, 1, 1), grad, -delta)
-            direction = direction / (1e-8 + rmse(direction).view(-1, 1, 1, 1))
-            if momentum > 0:
-                mom.mul_(momentum).add_(direction, alpha=1 - momentum)
-                direction = mom
-            if keep is not None:
-                direction = direction * keep
-            delta.add_(direction, alpha=ss)
-            if clip:
-                delta.copy_((images + delta).clamp_(0, 1) - images)
+            delta, mom = engine_update(images, delta, mom, logits, grad, labels, ss, keep, **rule)
     return (images + delta).detach()
+
+
+def engine_update(
+    images: torch.Tensor,
+    delta: torch.Tensor,
+    mom: torch.Tensor,
+    logits: torch.Tensor,
+    grad: torch.Tensor,
+    labels: torch.Tensor,
+    ss: float | torch.Tensor,
+    keep: torch.Tensor | None,
+    *,
+    criterion: Criterion | Callable,
+    eps: float | torch.Tensor,
+    momentum: float,
+    targeted: bool,
+    clip: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the engine's rule (see :func:`engine_attack`) -> (new delta, new momentum buffer).
+
+    Args:
+        images: (B, C, H, W) unperturbed images.
+        delta: (B, C, H, W) perturbation the logits and gradient were computed at.
+        mom: (B, C, H, W) momentum buffer (zeros at the start).
+        logits: (B, num_classes) at images + delta.
+        grad: (B, C, H, W) d sum CE(logits, labels) / d delta.
+        labels: (B,) true or target classes.
+        ss: this step's size (RMSE), a float or a 0-d tensor.
+        keep: (B, 1, 1, 1) 0/1 mask of perturbed examples, or None for all.
+    """
+    follow = criterion_mask(criterion, logits, labels, delta, eps=eps)  # (B,)
+    if targeted:
+        grad = -grad
+    direction = torch.where(follow.view(-1, 1, 1, 1), grad, -delta)
+    direction = direction / (1e-8 + rmse(direction).view(-1, 1, 1, 1))
+    if momentum > 0:
+        mom = mom.mul(momentum).add(direction, alpha=1 - momentum)
+        direction = mom
+    if keep is not None:
+        direction = direction * keep
+    # alpha= for a float keeps the rounding of the in-place update this replaced; a traced step passes a tensor.
+    delta = delta.add(direction, alpha=ss) if isinstance(ss, float) else delta + direction * ss
+    if clip:
+        delta = (images + delta).clamp(0, 1) - images
+    return delta, mom
 
 
 def pgd_l2(

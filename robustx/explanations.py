@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .attacks import engine_attack, rmse
-from .compiled import compiled_input_grad, frozen_parameters
+from .compiled import compiled_engine_step, compiled_forward, frozen_parameters
 
 __all__ = ["TargetSpec", "AEResult", "resolve_targets", "adversarial_explanations", "TARGET_KEYWORDS"]
 
@@ -197,10 +197,15 @@ def _check(images: Tensor, rho: float, steps: int, overshoot: float, chunk_size:
         raise ValueError(f"chunk_size must be >= 1 (image-target pairs per engine run) or None, got {chunk_size}.")
 
 
-def _full_precision_logits(model: nn.Module, x: Tensor, chunk: int) -> Tensor:
-    """fp32 logits of x in chunks, with autocast off even inside a caller's autocast region -> (N, C)."""
+def _full_precision_logits(model: nn.Module, x: Tensor, chunk: int, *, compile: bool = False) -> Tensor:
+    """fp32 logits of x in chunks, with autocast off even inside a caller's autocast region -> (N, C).
+
+    ``compile`` runs the model through :func:`robustx.compiled.compiled_forward` (still fp32:
+    about half the time of an eager forward at a batch of 10 on the project's CPU).
+    """
+    net = compiled_forward(model) if compile else model
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        return torch.cat([model(x[i : i + chunk]).float() for i in range(0, x.size(0), chunk)])
+        return torch.cat([net(x[i : i + chunk]).float() for i in range(0, x.size(0), chunk)])
 
 
 def adversarial_explanations(
@@ -247,8 +252,8 @@ def adversarial_explanations(
             torch.bfloat16: faster on CPUs with AVX-512 BF16 and on GPUs); the probabilities
             and predictions before/after are computed in full precision.
         channels_last: run in the channels_last memory format (model and inputs).
-        compile: run each engine step (forward and input gradient) as one ``torch.compile``d
-            graph (:func:`robustx.compiled.compiled_input_grad`). The first call per model and input shape compiles
+        compile: run each engine step (forward, input gradient and update) as one ``torch.compile``d
+            graph (:func:`robustx.compiled.compiled_engine_step`). The first call per model and input shape compiles
             (tens of seconds on a CPU); later calls in this process reuse it, also after the
             weights change.
         chunk_size: at most this many (image, target) pairs per engine run (None: all B*K).
@@ -265,7 +270,7 @@ def adversarial_explanations(
     with _prepared(model, channels_last):
         x = images.contiguous(memory_format=fmt)
         n_eval = chunk_size or max(b, 1)
-        logits = _full_precision_logits(model, x, n_eval)  # (B, num_classes)
+        logits = _full_precision_logits(model, x, n_eval, compile=compile)  # (B, num_classes)
         tgt = resolve_targets(logits, labels, targets, class_names=class_names)  # (B, K)
         k = tgt.size(1)
         probs = logits.softmax(1)
@@ -282,7 +287,6 @@ def adversarial_explanations(
         n = x_rep.size(0)
         chunk = chunk_size or max(n, 1)
         ctx = torch.autocast(images.device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
-        grad_fn = compiled_input_grad(model) if compile else None
         parts = []
         with torch.enable_grad():
             for i in range(0, n, chunk):
@@ -290,7 +294,8 @@ def adversarial_explanations(
                     parts.append(
                         engine_attack(
                             model, x_rep[i : i + chunk], t_rep[i : i + chunk], eps=rho, steps=steps, criterion="l2",
-                            overshoot=overshoot, momentum=momentum, targeted=True, clip=clip, grad_fn=grad_fn,
+                            overshoot=overshoot, momentum=momentum, targeted=True, clip=clip,
+                            step_fn=compiled_engine_step(model) if compile else None,  # one per engine run
                         )
                     )
         ae = torch.cat(parts) if parts else x_rep.clone()  # (U, C, H, W)
@@ -306,7 +311,7 @@ def adversarial_explanations(
             if clip:
                 ae = ae.clamp(0, 1)
         ae = ae.to(images.dtype).contiguous(memory_format=fmt)  # (U, C, H, W)
-        logits_after = _full_precision_logits(model, ae, chunk)  # (U, num_classes)
+        logits_after = _full_precision_logits(model, ae, chunk, compile=compile)  # (U, num_classes)
 
     r = rmse((ae - x_rep).float())[inverse]  # (B*K,)
     prob_after = logits_after.softmax(1).gather(1, t_rep[:, None])[:, 0][inverse]  # (B*K,)

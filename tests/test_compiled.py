@@ -1,4 +1,4 @@
-"""robustx.compiled.compiled_input_grad: one compiled graph for the engine step, and its fallback."""
+"""robustx.compiled: the engine step as one compiled graph (input gradient alone, or with the update rule), and the fallbacks."""
 
 import pytest
 import torch
@@ -62,4 +62,60 @@ def test_compiled_input_grad_falls_back_with_one_warning(monkeypatch, caplog):
         torch.testing.assert_close(got[0], ref[0])
         torch.testing.assert_close(got[1], ref[1])
     warnings = [r for r in caplog.records if "one graph failed" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
+
+
+@pytest.mark.slow
+def test_compiled_engine_step_equals_the_eager_engine():
+    """The whole step as one graph: the engine's images and its on_step values equal the eager engine's.
+
+    Covers the explanations' rule (l2, targeted, overshoot 5), the search-like rule (l2min,
+    momentum, clip), a second batch shape through the same step function (its guards are then
+    checked again, not skipped) and a callable criterion (compiled input gradient + eager rule).
+    """
+    model = _net()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(6, 3, 32, 32, generator=g), torch.randint(10, (6,), generator=g)
+    settings = [
+        dict(eps=0.1, steps=6, criterion="l2", targeted=True, overshoot=5),
+        dict(eps=0.5, steps=6, criterion="l2min", momentum=0.9, clip=True),
+        dict(eps=0.5, steps=4, criterion=lambda logits, labels, delta: logits.argmax(1) == labels),
+    ]
+    with rc.frozen_parameters(model):
+        for kw in settings:
+            step = rc.compiled_engine_step(model)
+            for n in (6, 4):  # the same function, then another batch size
+                seen, ref_seen = [], []
+                got = engine_attack(model, x[:n], y[:n], step_fn=step, on_step=lambda t, lg, d: seen.append((lg, d.clone())), **kw)
+                ref = engine_attack(model, x[:n], y[:n], on_step=lambda t, lg, d: ref_seen.append((lg, d.clone())), **kw)
+                torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+                assert len(seen) == len(ref_seen) == kw["steps"]
+                for (lg, d), (rlg, rd) in zip(seen, ref_seen):
+                    torch.testing.assert_close(lg, rlg, rtol=1e-4, atol=1e-4)
+                    torch.testing.assert_close(d, rd, rtol=0, atol=1e-5)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_compiled_engine_step_falls_back_with_one_warning(monkeypatch, caplog):
+    """A step that cannot be compiled: one warning line, then the input-gradient path and the eager rule, same images."""
+    from torch._dynamo.exc import Unsupported
+
+    def broken(*args):
+        raise Unsupported("graph break in the engine step")
+
+    model = _net()
+    monkeypatch.setattr(rc, "_COMPILED_STEP", {"cpu": broken})
+    monkeypatch.setattr(rc, "_STEP_UNAVAILABLE", False)
+    monkeypatch.setattr(rc, "_GRAD_UNAVAILABLE", True)
+    monkeypatch.setattr(rc, "_UNAVAILABLE", True)  # nothing compiles: all eager
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.rand(3, 3, 32, 32, generator=g), torch.randint(10, (3,), generator=g)
+    kw = dict(eps=0.1, steps=3, criterion="l2", targeted=True, overshoot=5)
+    with caplog.at_level("WARNING", logger="robustx.compiled"):
+        first = engine_attack(model, x, y, step_fn=rc.compiled_engine_step(model), **kw)
+        second = engine_attack(model, x, y, step_fn=rc.compiled_engine_step(model), **kw)
+    ref = engine_attack(model, x, y, **kw)
+    torch.testing.assert_close(first, ref, rtol=0, atol=0)
+    torch.testing.assert_close(second, ref, rtol=0, atol=0)
+    warnings = [r for r in caplog.records if "engine step as one graph failed" in r.getMessage()]
     assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
