@@ -18,7 +18,9 @@ Project paths: ``robustx.explanations.adversarial_explanations`` with fp32 / bf1
 with and without channels_last, and with ``compile=True`` (torch.compile; its first call, which
 compiles, is reported in its own column). The project explains a pair requested twice (true and
 second are also among "all") once, so it runs 10 rows where the yardstick runs 12. Each timing
-is the median of ``--repeats`` runs after ``--warmup`` runs. For each path: seconds, speed-up
+is the median of ``--repeats`` runs after ``--warmup`` runs; the repeats go round-robin over the
+batched yardstick and the paths (``--sequential``: one block each, as before), so that all of them
+see the same machine conditions. For each path: seconds, speed-up
 over both yardsticks, the RMSE between its AEs and the batched fp32 yardstick's (per pair:
 max), max |prob_after difference| and the seconds of the first (warm-up) call.
 Writes ``bench/results_explain.md`` and ``bench/results_explain.json``.
@@ -125,6 +127,34 @@ def timed(fn, warmup: int, repeats: int):
     return statistics.median(times), times, out, first
 
 
+YARD = "yardstick batched (fp32 loop)"
+
+
+def timed_many(fns: dict, warmup: int, repeats: int, *, interleave: bool) -> dict:
+    """``timed`` for several functions; ``interleave`` runs the timed repeats round-robin.
+
+    Round-robin (after each function's warm-up calls) puts the yardstick and every path under
+    the same machine conditions: this VM's speed drifts by 10-30% within minutes, which
+    sequential blocks of repeats turn into a bias for or against whichever ran in a slow phase.
+    """
+    if not interleave:
+        return {name: timed(fn, warmup, repeats) for name, fn in fns.items()}
+    first, out = {}, {}
+    for name, fn in fns.items():
+        for i in range(warmup):
+            t0 = time.perf_counter()
+            out[name] = fn()
+            if i == 0:
+                first[name] = time.perf_counter() - t0
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            out[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(times[name]), times[name], out[name], first.get(name)) for name in fns}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
@@ -136,6 +166,8 @@ def main() -> None:
     ap.add_argument("--ckpt", default=str(ROOT.parent / "shared" / "reference-checkpoints" / "resnet44-robust.pt"))
     ap.add_argument("--paths", nargs="+", default=None, help="project paths to time (default: all)")
     ap.add_argument("--no-per-pair", action="store_true", help="skip the one-pair-at-a-time yardstick")
+    ap.add_argument("--sequential", action="store_true",
+                    help="time each path's repeats in one block (runs before 2026-11-26's later stop) instead of round-robin")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results_explain"), help="writes OUT.md and OUT.json")
     args = ap.parse_args()
     if args.threads:
@@ -167,6 +199,7 @@ def main() -> None:
         f"# Adversarial explanations, {model_name}, {data}, rho {args.rho}, {args.steps} steps, path {args.overshoot} x rho; "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}; "
         f"median of {args.repeats} after {args.warmup} warm-up"
+        f"{'' if args.sequential else ', repeats round-robin over the yardstick and the paths'}"
     )
     rows, records = [], []
     print(header, flush=True)
@@ -177,7 +210,13 @@ def main() -> None:
         b, k = t.shape
         x_rep = x.repeat_interleave(k, 0)  # (B*K, C, H, W)
         t_rep = t.reshape(-1)  # (B*K,)
-        base, base_times, ref, base_first = timed(lambda: yardstick(model, x_rep, t_rep, **kw), args.warmup, args.repeats)
+        fns = {YARD: lambda: yardstick(model, x_rep, t_rep, **kw)}
+        for name, dtype, cl, comp in paths:
+            fns[name] = lambda dtype=dtype, cl=cl, comp=comp: adversarial_explanations(
+                model, x, y, targets=spec, autocast_dtype=dtype, channels_last=cl, compile=comp, **kw
+            )
+        timings = timed_many(fns, args.warmup, args.repeats, interleave=not args.sequential)
+        base, base_times, ref, base_first = timings[YARD]
         with torch.no_grad():
             p_ref = model(ref).softmax(1).gather(1, t_rep[:, None])[:, 0]  # (B*K,)
         per_pair = None
@@ -186,18 +225,13 @@ def main() -> None:
                 lambda: torch.cat([yardstick(model, x_rep[i : i + 1], t_rep[i : i + 1], **kw) for i in range(b * k)]),
                 min(args.warmup, 1), max(1, min(args.repeats, 3)),
             )
-        entries = [("yardstick batched (fp32 loop)", base, base_times, ref, p_ref, base_first)]
+        entries = [(YARD, base, base_times, ref, p_ref, base_first)]
         if per_pair is not None:
             with torch.no_grad():
                 p_pp = model(pp).softmax(1).gather(1, t_rep[:, None])[:, 0]
             entries.append(("yardstick per pair (fp32 loop)", per_pair, pp_times, pp, p_pp, pp_first))
-        for name, dtype, cl, comp in paths:
-            sec, times, res, first = timed(
-                lambda: adversarial_explanations(
-                    model, x, y, targets=spec, autocast_dtype=dtype, channels_last=cl, compile=comp, **kw
-                ),
-                args.warmup, args.repeats,
-            )
+        for name, *_ in paths:
+            sec, times, res, first = timings[name]
             assert torch.equal(res.targets, t), "robustx and the yardstick disagree on the targets"
             entries.append((name, sec, times, res.images.flatten(0, 1), res.prob_after.flatten(), first))
         for name, sec, times, ae, p, first in entries:

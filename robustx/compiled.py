@@ -2,10 +2,12 @@
 
 The engine (robustx.attacks.engine_attack) calls ``model(x)`` and differentiates w.r.t. x only;
 compiled, BatchNorm, the activation and their derivatives fuse into a few kernels around the
-convolutions. Two ways: :func:`compiled_forward` compiles the forward and lets autograd run the
+convolutions. Three ways: :func:`compiled_forward` compiles the forward and lets autograd run the
 compiled backward (used by the ARA search, batches of ~100); :func:`compiled_input_grad` traces
-forward and input gradient as one graph with inductor's C++ wrapper on a CPU (used by
-adversarial explanations, batches of ~10, where per-kernel launch overhead matters). On the
+forward and input gradient as one graph with inductor's C++ wrapper on a CPU; and
+:func:`compiled_engine_step` adds the engine's update rule to that graph and checks dynamo's
+guards once per engine run (used by adversarial explanations, batches of ~10, where per-step
+overheads matter). On the
 project's 2-core CPU, bf16 autocast + channels_last + either makes resnet44's forward + input
 gradient about 2-2.5x faster than the eager fp32 loop (bench/bench_explain.py,
 bench/bench_ara.py, BENCHMARKS.md). Training uses :func:`compiled_forward` for its attack when
