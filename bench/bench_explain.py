@@ -111,34 +111,19 @@ def load(args):
     return model.eval(), name, x.contiguous(), y, data
 
 
-def timed(fn, warmup: int, repeats: int):
-    """(median seconds, all timed seconds, last output, seconds of the first warm-up call or None)."""
-    first = None
-    for i in range(warmup):
-        t0 = time.perf_counter()
-        out = fn()
-        if i == 0:
-            first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times, out, first
-
-
 YARD = "yardstick batched (fp32 loop)"
 
 
-def timed_many(fns: dict, warmup: int, repeats: int, *, interleave: bool) -> dict:
-    """``timed`` for several functions; ``interleave`` runs the timed repeats round-robin.
+def timed(fns: dict, warmup: int, repeats: int, *, interleave: bool = True) -> dict:
+    """name -> (median seconds, all timed seconds, last output, seconds of the first warm-up call or None).
 
-    Round-robin (after each function's warm-up calls) puts the yardstick and every path under
-    the same machine conditions: this VM's speed drifts by 10-30% within minutes, which
-    sequential blocks of repeats turn into a bias for or against whichever ran in a slow phase.
+    Each function's warm-up calls run first; then the timed repeats go round-robin over the
+    functions (``interleave``), which puts the yardstick and every path under the same machine
+    conditions: this VM's speed drifts by 10-30% within minutes, which sequential blocks of
+    repeats (``interleave=False``) turn into a bias for or against whichever ran in a slow phase.
     """
     if not interleave:
-        return {name: timed(fn, warmup, repeats) for name, fn in fns.items()}
+        return {name: timed({name: fn}, warmup, repeats)[name] for name, fn in fns.items()}
     first, out = {}, {}
     for name, fn in fns.items():
         for i in range(warmup):
@@ -215,16 +200,16 @@ def main() -> None:
             fns[name] = lambda dtype=dtype, cl=cl, comp=comp: adversarial_explanations(
                 model, x, y, targets=spec, autocast_dtype=dtype, channels_last=cl, compile=comp, **kw
             )
-        timings = timed_many(fns, args.warmup, args.repeats, interleave=not args.sequential)
+        timings = timed(fns, args.warmup, args.repeats, interleave=not args.sequential)
         base, base_times, ref, base_first = timings[YARD]
         with torch.no_grad():
             p_ref = model(ref).softmax(1).gather(1, t_rep[:, None])[:, 0]  # (B*K,)
         per_pair = None
         if not args.no_per_pair:
             per_pair, pp_times, pp, pp_first = timed(
-                lambda: torch.cat([yardstick(model, x_rep[i : i + 1], t_rep[i : i + 1], **kw) for i in range(b * k)]),
+                {"per pair": lambda: torch.cat([yardstick(model, x_rep[i : i + 1], t_rep[i : i + 1], **kw) for i in range(b * k)])},
                 min(args.warmup, 1), max(1, min(args.repeats, 3)),
-            )
+            )["per pair"]
         entries = [(YARD, base, base_times, ref, p_ref, base_first)]
         if per_pair is not None:
             with torch.no_grad():

@@ -146,6 +146,8 @@ def engine_attack(
         raise ValueError(f"attack steps must be >= 0, got {steps}.")
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"attack momentum must be in [0, 1), got {momentum}.")
+    if grad_fn is not None and step_fn is not None:
+        raise ValueError("engine_attack takes grad_fn or step_fn, not both: a step_fn computes its own gradient.")
     images = images.detach()
     if steps == 0 or eps == 0:
         return images

@@ -181,12 +181,9 @@ def _trace_errors() -> tuple[type[BaseException], ...]:
         return ()
 
 
-def _engine_step(model, images, delta, mom, labels, ss, keep, eps, criterion, momentum, targeted, clip):
+def _engine_step(model, images, delta, mom, labels, ss, keep, **rule):
     grad, logits = _input_grad(images + delta, model, labels)
-    delta, mom = engine_update(
-        images, delta, mom, logits, grad, labels, ss, keep, criterion=criterion, eps=eps, momentum=momentum, targeted=targeted, clip=clip
-    )
-    return logits, delta, mom
+    return (logits, *engine_update(images, delta, mom, logits, grad, labels, ss, keep, **rule))
 
 
 def compiled_engine_step(model: nn.Module) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
@@ -196,7 +193,7 @@ def compiled_engine_step(model: nn.Module) -> Callable[..., tuple[Tensor, Tensor
     plus the engine's rule (:func:`robustx.attacks.engine_update`) inside the graph, so a step
     launches no eager operations; step size and eps enter as tensors (no recompilation per
     step). After a step has run with dynamo's guards checked, later calls with the same shapes,
-    strides, dtypes, settings, autocast and grad mode skip the guard evaluation
+    strides, dtypes, settings, train/eval mode and autocast state skip the guard evaluation
     (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``: about 0.5 ms a step for
     resnet44, 3% of an explanation step at batch 10); anything else changing re-checks them.
     A callable criterion, or a model that cannot be traced or compiled, runs
@@ -210,38 +207,38 @@ def compiled_engine_step(model: nn.Module) -> Callable[..., tuple[Tensor, Tensor
         -> (logits (B, num_classes), new delta (B, C, H, W), new mom (B, C, H, W))``.
     """
     grad_fn = compiled_input_grad(model)
-    checked: list[tuple] = []  # the key of the last call that ran with guards checked
+    checked = None  # the key of the last call that ran with guards checked
 
-    def call(images, delta, mom, labels, ss, keep, *, criterion, eps, momentum, targeted, clip):
+    def call(images, delta, mom, labels, ss, keep, **rule):
+        nonlocal checked
         global _STEP_UNAVAILABLE
-        if not _STEP_UNAVAILABLE and isinstance(criterion, str):
+        if not _STEP_UNAVAILABLE and isinstance(rule["criterion"], str):
             kind = images.device.type
             fn = _COMPILED_STEP.get(kind)
             if fn is None:
                 fn = _COMPILED_STEP[kind] = torch.compile(_engine_step, options={"cpp_wrapper": kind == "cpu"})
+            tensors = (images, delta, mom, labels) + ((keep,) if keep is not None else ())
             key = (
-                tuple((t.shape, t.stride(), t.dtype, t.device) for t in (images, delta, mom, labels) + ((keep,) if keep is not None else ())),
-                criterion, momentum, targeted, clip, model.training, torch.is_grad_enabled(),
-                torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind),
+                tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors),
+                tuple((k, v) for k, v in rule.items() if k != "eps"),  # eps enters as a tensor
+                model.training, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind),
             )
-            args = (model, images, delta, mom, labels, torch.tensor(ss, dtype=images.dtype, device=images.device), keep,
-                    torch.tensor(eps, dtype=images.dtype, device=images.device), criterion, momentum, targeted, clip)
+            as_tensor = lambda v: torch.tensor(v, dtype=images.dtype, device=images.device)  # noqa: E731
+            args = (model, images, delta, mom, labels, as_tensor(ss), keep)
+            kwargs = {**rule, "eps": as_tensor(rule["eps"])}
             try:
                 with torch.no_grad():
-                    if checked and checked[0] == key:
+                    if checked == key:
                         with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                            return fn(*args)
-                    out = fn(*args)
-                    checked[:] = [key]
+                            return fn(*args, **kwargs)
+                    out = fn(*args, **kwargs)
+                    checked = key
                     return out
             except (*_compile_errors(), *_trace_errors()) as err:
                 _STEP_UNAVAILABLE = True
                 log.warning("compiling the engine step as one graph failed (%s); compiling the input gradient only.", _first_line(err))
         logits, grad = grad_fn(images + delta, labels)
         with torch.no_grad():
-            delta, mom = engine_update(
-                images, delta, mom, logits, grad, labels, ss, keep, criterion=criterion, eps=eps, momentum=momentum, targeted=targeted, clip=clip
-            )
-        return logits, delta, mom
+            return (logits, *engine_update(images, delta, mom, logits, grad, labels, ss, keep, **rule))
 
     return call

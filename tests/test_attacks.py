@@ -86,6 +86,8 @@ def test_bad_values():
         engine_attack(model, x, y, eps=-1, steps=3)
     with pytest.raises(ValueError, match="Unknown attack criterion"):
         engine_attack(model, x, y, eps=0.1, steps=3, criterion="linf")
+    with pytest.raises(ValueError, match="grad_fn or step_fn, not both"):
+        engine_attack(model, x, y, eps=0.1, steps=3, grad_fn=lambda *a: None, step_fn=lambda *a, **k: None)
     with pytest.raises(ValueError, match="Unknown adversarial kind"):
         MethodConfig.from_dict({"adversarial": {"kind": "fgsm"}})
     with pytest.raises(ValueError, match="Unknown method option"):

@@ -100,7 +100,7 @@ def test_compiled_engine_step_falls_back_with_one_warning(monkeypatch, caplog):
     """A step that cannot be compiled: one warning line, then the input-gradient path and the eager rule, same images."""
     from torch._dynamo.exc import Unsupported
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise Unsupported("graph break in the engine step")
 
     model = _net()
