@@ -16,7 +16,11 @@ the target, input gradient, L2 rule - follow -grad while RMSE < rho else pull ba
 
 Project paths: ``robustx.explanations.adversarial_explanations`` with fp32 / bf16 autocast, each
 with and without channels_last, and with ``compile=True`` (torch.compile; its first call, which
-compiles, is reported in its own column). The project explains a pair requested twice (true and
+compiles, is reported in its own column). They run the model only on the pairs that follow the
+gradient in a step (the default, ``skip_unused_gradients``: a pair pulled back along -delta needs
+no forward); the paths named "every pair every step" run it on all pairs, as the yardstick does,
+so their speed-up is the per-step one. The yardstick counts the pairs following the gradient in
+each step (printed: the share of pair-steps whose gradient is used). The project explains a pair requested twice (true and
 second are also among "all") once, so it runs 10 rows where the yardstick runs 12. Each timing
 is the median of ``--repeats`` runs after ``--warmup`` runs; the repeats go round-robin over the
 batched yardstick and the paths (``--sequential``: one block each, as before), so that all of them
@@ -52,8 +56,11 @@ def _rmse(d: torch.Tensor) -> torch.Tensor:
     return d.flatten(1).pow(2).mean(1).sqrt()
 
 
-def yardstick(model, x, t, *, rho: float, steps: int, overshoot: float) -> torch.Tensor:
-    """Plain fp32 eager AE loop (the speed reference): (N, C, H, W) images, (N,) targets -> (N, C, H, W) AEs."""
+def yardstick(model, x, t, *, rho: float, steps: int, overshoot: float, following: list | None = None) -> torch.Tensor:
+    """Plain fp32 eager AE loop (the speed reference): (N, C, H, W) images, (N,) targets -> (N, C, H, W) AEs.
+
+    ``following``, if given, receives the number of pairs that follow the gradient in each step.
+    """
     delta = torch.zeros_like(x, requires_grad=True)
     total = steps * (steps + 1) / 2
     for s in range(steps):
@@ -61,6 +68,8 @@ def yardstick(model, x, t, *, rho: float, steps: int, overshoot: float) -> torch
         (g,) = torch.autograd.grad(loss, delta)
         with torch.no_grad():
             inside = (_rmse(delta) < rho).view(-1, 1, 1, 1)
+            if following is not None:
+                following.append(int(inside.sum()))
             d = torch.where(inside, -g, -delta)
             d = d / (1e-8 + _rmse(d).view(-1, 1, 1, 1))
             delta += rho * overshoot * (steps - s) / total * d
@@ -163,13 +172,16 @@ def main() -> None:
     load_start = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
     model, model_name, x_all, y_all, data = load(args)
     kw = dict(rho=args.rho, steps=args.steps, overshoot=args.overshoot)
+    # (name, autocast dtype, channels_last, compile, skip_unused_gradients)
     paths = [
-        ("robustx fp32", None, False, False),
-        ("robustx fp32 + channels_last", None, True, False),
-        ("robustx bf16", torch.bfloat16, False, False),
-        ("robustx bf16 + channels_last", torch.bfloat16, True, False),
-        ("robustx fp32 + compile", None, False, True),
-        ("robustx bf16 + channels_last + compile", torch.bfloat16, True, True),
+        ("robustx fp32", None, False, False, True),
+        ("robustx fp32, every pair every step", None, False, False, False),
+        ("robustx fp32 + channels_last", None, True, False, True),
+        ("robustx bf16", torch.bfloat16, False, False, True),
+        ("robustx bf16 + channels_last", torch.bfloat16, True, False, True),
+        ("robustx fp32 + compile", None, False, True, True),
+        ("robustx bf16 + channels_last + compile", torch.bfloat16, True, True, True),
+        ("robustx bf16 + channels_last + compile, every pair every step", torch.bfloat16, True, True, False),
     ]
     if args.paths:
         unknown = set(args.paths) - {p[0] for p in paths}
@@ -186,7 +198,7 @@ def main() -> None:
         f"median of {args.repeats} after {args.warmup} warm-up"
         f"{'' if args.sequential else ', repeats round-robin over the yardstick and the paths'}"
     )
-    rows, records = [], []
+    rows, records, uses = [], [], []
     print(header, flush=True)
     cols = "| workload | path | s | x yardstick batched | x yardstick per pair | max RMSE(AE - fp32 AE) | max abs prob_after diff | first call s |"
     print(cols + "\n|---|---|---|---|---|---|---|---|", flush=True)
@@ -196,14 +208,20 @@ def main() -> None:
         x_rep = x.repeat_interleave(k, 0)  # (B*K, C, H, W)
         t_rep = t.reshape(-1)  # (B*K,)
         fns = {YARD: lambda: yardstick(model, x_rep, t_rep, **kw)}
-        for name, dtype, cl, comp in paths:
-            fns[name] = lambda dtype=dtype, cl=cl, comp=comp: adversarial_explanations(
-                model, x, y, targets=spec, autocast_dtype=dtype, channels_last=cl, compile=comp, **kw
+        for name, dtype, cl, comp, skip in paths:
+            fns[name] = lambda dtype=dtype, cl=cl, comp=comp, skip=skip: adversarial_explanations(
+                model, x, y, targets=spec, autocast_dtype=dtype, channels_last=cl, compile=comp, skip_unused_gradients=skip, **kw
             )
         timings = timed(fns, args.warmup, args.repeats, interleave=not args.sequential)
         base, base_times, ref, base_first = timings[YARD]
         with torch.no_grad():
             p_ref = model(ref).softmax(1).gather(1, t_rep[:, None])[:, 0]  # (B*K,)
+        following: list[int] = []
+        yardstick(model, x_rep, t_rep, following=following, **kw)
+        share = sum(following) / (len(following) * x_rep.size(0))
+        used = f"{wname}: the gradient is used in {sum(following)} of {len(following) * x_rep.size(0)} pair-steps ({100 * share:.0f}%)"
+        uses.append(used)
+        print("# " + used, flush=True)
         per_pair = None
         if not args.no_per_pair:
             per_pair, pp_times, pp, pp_first = timed(
@@ -226,6 +244,7 @@ def main() -> None:
                 "workload": wname, "path": name, "seconds": sec, "times": times, "pairs": b * k,
                 "speedup_vs_batched": base / sec, "speedup_vs_per_pair": (per_pair / sec) if per_pair else None,
                 "max_rmse_vs_fp32": err, "max_abs_prob_after_diff": dp, "first_call_seconds": first,
+                "gradient_used_share": share,
             }
             records.append(rec)
             sp = f"{per_pair / sec:.2f}" if per_pair else "-"
@@ -252,7 +271,7 @@ def main() -> None:
     md = [
         header, "", f"Command: `{command}`", "",
         f"Load average (1/5/15 min) at start: {' '.join(load_start)}; at end: {' '.join(load_end)}.", "",
-        cols, "|---|---|---|---|---|---|---|---|", *rows, "", summary, "",
+        cols, "|---|---|---|---|---|---|---|---|", *rows, "", *[f"- {u}" for u in uses], "", summary, "",
     ]
     out = Path(args.out)
     out.with_suffix(".md").write_text("\n".join(md))

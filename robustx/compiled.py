@@ -192,10 +192,12 @@ def compiled_engine_step(model: nn.Module) -> Callable[..., tuple[Tensor, Tensor
     For :func:`robustx.attacks.engine_attack`'s ``step_fn``: like :func:`compiled_input_grad`,
     plus the engine's rule (:func:`robustx.attacks.engine_update`) inside the graph, so a step
     launches no eager operations; step size and eps enter as tensors (no recompilation per
-    step). After a step has run with dynamo's guards checked, later calls with the same shapes,
-    strides, dtypes, settings, train/eval mode and autocast state skip the guard evaluation
-    (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``: about 0.5 ms a step for
-    resnet44, 3% of an explanation step at batch 10); anything else changing re-checks them.
+    step). The batch dimension is marked dynamic, so the changing subsets of
+    ``engine_attack(skip_unused_gradients=True)`` share one graph (batch size 1 is specialized
+    by dynamo and gets its own). After a step has run with dynamo's guards checked, later calls
+    with the same shapes, strides, dtypes, settings, train/eval mode and autocast state skip the
+    guard evaluation (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``: about 0.5 ms
+    a step for resnet44, 3% of an explanation step at batch 10); anything else re-checks them.
     A callable criterion, or a model that cannot be traced or compiled, runs
     :func:`compiled_input_grad` and the eager rule instead (one warning line for a failure).
     Call it with the model's parameters frozen (:func:`frozen_parameters`), and make one per
@@ -207,10 +209,9 @@ def compiled_engine_step(model: nn.Module) -> Callable[..., tuple[Tensor, Tensor
         -> (logits (B, num_classes), new delta (B, C, H, W), new mom (B, C, H, W))``.
     """
     grad_fn = compiled_input_grad(model)
-    checked = None  # the key of the last call that ran with guards checked
+    checked = set()  # the keys of calls that ran with guards checked
 
     def call(images, delta, mom, labels, ss, keep, **rule):
-        nonlocal checked
         global _STEP_UNAVAILABLE
         if not _STEP_UNAVAILABLE and isinstance(rule["criterion"], str):
             kind = images.device.type
@@ -218,6 +219,8 @@ def compiled_engine_step(model: nn.Module) -> Callable[..., tuple[Tensor, Tensor
             if fn is None:
                 fn = _COMPILED_STEP[kind] = torch.compile(_engine_step, options={"cpp_wrapper": kind == "cpu"})
             tensors = (images, delta, mom, labels) + ((keep,) if keep is not None else ())
+            for t in tensors:  # one graph for every batch size (but 1, which dynamo specializes)
+                torch._dynamo.maybe_mark_dynamic(t, 0)
             key = (
                 tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors),
                 tuple((k, v) for k, v in rule.items() if k != "eps"),  # eps enters as a tensor
@@ -228,11 +231,11 @@ def compiled_engine_step(model: nn.Module) -> Callable[..., tuple[Tensor, Tensor
             kwargs = {**rule, "eps": as_tensor(rule["eps"])}
             try:
                 with torch.no_grad():
-                    if checked == key:
+                    if key in checked:
                         with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                             return fn(*args, **kwargs)
                     out = fn(*args, **kwargs)
-                    checked = key
+                    checked.add(key)
                     return out
             except (*_compile_errors(), *_trace_errors()) as err:
                 _STEP_UNAVAILABLE = True

@@ -224,6 +224,7 @@ def adversarial_explanations(
     compile: bool = False,
     chunk_size: int | None = None,
     class_names: Sequence[str] | None = None,
+    skip_unused_gradients: bool = True,
 ) -> AEResult:
     """Adversarial explanations of each image toward each target class (paper, "Adversarial explanations").
 
@@ -258,6 +259,10 @@ def adversarial_explanations(
             weights change.
         chunk_size: at most this many (image, target) pairs per engine run (None: all B*K).
         class_names: (num_classes,) names, for targets given by name.
+        skip_unused_gradients: each step, run the model only on the pairs that follow the
+            gradient (RMSE(delta) < rho); the others are pulled back along -delta, which needs
+            no forward. Same AEs up to float rounding, about 40% fewer image-steps with the
+            paper's settings (:func:`robustx.attacks.engine_attack`). False: every pair every step.
     Returns:
         :class:`AEResult` with (B, K, ...) tensors.
     Raises:
@@ -296,6 +301,7 @@ def adversarial_explanations(
                             model, x_rep[i : i + chunk], t_rep[i : i + chunk], eps=rho, steps=steps, criterion="l2",
                             overshoot=overshoot, momentum=momentum, targeted=True, clip=clip,
                             step_fn=compiled_engine_step(model) if compile else None,  # one per engine run
+                            skip_unused_gradients=skip_unused_gradients,
                         )
                     )
         ae = torch.cat(parts) if parts else x_rep.clone()  # (U, C, H, W)

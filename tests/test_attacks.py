@@ -2,13 +2,24 @@ import pytest
 import torch
 from torch import nn
 
-from robustx.attacks import engine_attack, pgd_l2, rmse, step_sizes, trades_adversary
+from robustx.attacks import ce_input_grad, engine_attack, engine_update, pgd_l2, rmse, step_sizes, trades_adversary
 from robustx.training import AdversarialConfig, MethodConfig, make_adversarial, training_loss
 
 
 def _linear(d=12, c=3, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Flatten(), nn.Linear(d, c))
+
+
+def _mlp(seed=0):
+    """Nonlinear, so the examples' gradients turn differently and their RMSEs part ways."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(4)
+    return model
 
 
 def test_step_sizes_fall_linearly_and_sum_to_eps():
@@ -88,6 +99,12 @@ def test_bad_values():
         engine_attack(model, x, y, eps=0.1, steps=3, criterion="linf")
     with pytest.raises(ValueError, match="grad_fn or step_fn, not both"):
         engine_attack(model, x, y, eps=0.1, steps=3, grad_fn=lambda *a: None, step_fn=lambda *a, **k: None)
+    with pytest.raises(ValueError, match="skip_unused_gradients needs criterion 'l2'"):
+        engine_attack(model, x, y, eps=0.1, steps=3, criterion="l2min", skip_unused_gradients=True)
+    with pytest.raises(ValueError, match="skip_unused_gradients needs criterion 'l2'"):
+        engine_attack(model, x, y, eps=0.1, steps=3, on_step=lambda *a: None, skip_unused_gradients=True)
+    with pytest.raises(ValueError, match="needs the model in eval mode"):
+        engine_attack(model.train(), x, y, eps=0.1, steps=3, skip_unused_gradients=True)
     with pytest.raises(ValueError, match="Unknown adversarial kind"):
         MethodConfig.from_dict({"adversarial": {"kind": "fgsm"}})
     with pytest.raises(ValueError, match="Unknown method option"):
@@ -106,3 +123,49 @@ def test_training_loss_feeds_reduced_ce_to_controller():
     assert psi.integral == pytest.approx(-torch.log(torch.tensor(0.6 / 1.5)).item())
     assert out.psi == pytest.approx(psi.psi)
     assert out.loss.item() == pytest.approx(out.ce.item() + out.psi * out.penalty.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(targeted=True, overshoot=5),  # the explanations' rule
+        dict(momentum=0.7, clip=True, overshoot=3),
+        dict(overshoot=4, affected=torch.tensor([True, False] * 4)),
+    ],
+)
+def test_skip_unused_gradients_runs_only_following_rows_and_gives_the_same_images(kw):
+    """skip_unused_gradients: the model sees exactly the (row, step) pairs with RMSE(delta) < eps; same images."""
+    model = _mlp(seed=0).eval()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.rand(8, 1, 3, 4, generator=g), torch.randint(3, (8,), generator=g)
+    eps, steps = 0.2, 20
+    following = []  # per step: rows whose delta is inside the budget, from the full engine
+    ref = engine_attack(model, x, y, eps=eps, steps=steps, on_step=lambda t, lg, d: following.append(int((rmse(d) < eps).sum())), **kw)
+    assert len(set(following) - {0, 8}) >= 2  # rows part ways, or the test would prove nothing
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, inp: rows.append(inp[0].size(0)))
+    got = engine_attack(model, x, y, eps=eps, steps=steps, skip_unused_gradients=True, **kw)
+    hook.remove()
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    assert rows == [n for n in following if n > 0]
+
+
+def test_skip_unused_gradients_gives_a_step_fn_no_single_row_batches():
+    """With a step_fn, a lone following row runs as two copies (a compiled step would specialize batch size 1)."""
+    model = _mlp(seed=0).eval()
+    sizes = []
+
+    def step_fn(x, d, m, y, ss, k, **rule):
+        sizes.append(x.size(0))
+        logits, grad = ce_input_grad(model, x + d, y)
+        return (logits, *engine_update(x, d, m, logits, grad, y, ss, k, **rule))
+
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.rand(5, 1, 3, 4, generator=g), torch.randint(3, (5,), generator=g)
+    kw = dict(eps=0.2, steps=20, targeted=True, overshoot=5)
+    following = []
+    ref = engine_attack(model, x, y, on_step=lambda t, lg, d: following.append(int((rmse(d) < 0.2).sum())), **kw)
+    assert 1 in following  # the case under test occurs
+    got = engine_attack(model, x, y, step_fn=step_fn, skip_unused_gradients=True, **kw)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    assert sizes == [max(n, 2) for n in following if n > 0]

@@ -96,6 +96,32 @@ def test_compiled_engine_step_equals_the_eager_engine():
     assert all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.slow
+def test_compiled_engine_step_serves_every_subset_size_with_one_graph():
+    """engine_attack(skip_unused_gradients=True) through the compiled step: the following rows' subsets
+    change size every step, dynamo compiles one graph for all of them, and the images equal the
+    eager engine's that runs every row every step."""
+    from torch._dynamo.utils import counters
+
+    from robustx.attacks import rmse
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = _net()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(6, 3, 32, 32, generator=g), torch.randint(10, (6,), generator=g)
+    kw = dict(eps=0.1, steps=12, criterion="l2", targeted=True, overshoot=5)
+    following, sizes = [], []
+    with rc.frozen_parameters(model):
+        ref = engine_attack(model, x, y, on_step=lambda t, lg, d: following.append(int((rmse(d) < 0.1).sum())), **kw)
+        step = rc.compiled_engine_step(model)
+        got = engine_attack(model, x, y, step_fn=lambda *a, **k: sizes.append(a[0].size(0)) or step(*a, **k), skip_unused_gradients=True, **kw)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    assert sizes == [max(n, 2) for n in following if n > 0]
+    assert len(set(sizes)) >= 3  # several subset sizes occurred
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_compiled_engine_step_falls_back_with_one_warning(monkeypatch, caplog):
     """A step that cannot be compiled: one warning line, then the input-gradient path and the eager rule, same images."""
     from torch._dynamo.exc import Unsupported

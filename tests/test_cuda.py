@@ -155,7 +155,7 @@ def test_adversarial_explanations_match_cpu():
 
 
 def test_compiled_explanations_and_search_on_cuda_match_cpu_eager():
-    """compile=True (one traced torch.func graph for explanations, compiled forward for the search) on the device."""
+    """compile=True (explanations: the engine step as one compiled graph; the search: compiled forward) on the device."""
     cpu, gpu = _cnn()
     cpu, gpu = cpu.float(), gpu.float()
     x, y = _batch(4)
@@ -163,6 +163,10 @@ def test_compiled_explanations_and_search_on_cuda_match_cpu_eager():
     ae_c = adversarial_explanations(cpu, x, y, targets=["true", "second"], rho=0.1, steps=10)
     ae_g = adversarial_explanations(gpu, x.to(CUDA), y.to(CUDA), targets=["true", "second"], rho=0.1, steps=10, compile=True)
     torch.testing.assert_close(ae_g.images.cpu(), ae_c.images, rtol=0, atol=1e-3)
+    # Every pair every step (the subsets of the default change size each step: one dynamic-batch graph).
+    ae_all = adversarial_explanations(gpu, x.to(CUDA), y.to(CUDA), targets=["true", "second"], rho=0.1, steps=10, compile=True,
+                                      skip_unused_gradients=False)
+    torch.testing.assert_close(ae_all.images.cpu(), ae_c.images, rtol=0, atol=1e-3)
     mp_c = minimal_perturbation(cpu, x, y, steps=20, eps=2.0)
     mp_g = minimal_perturbation(gpu, x.to(CUDA), y.to(CUDA), steps=20, eps=2.0, compile=True)
     torch.testing.assert_close(mp_g.r.cpu(), mp_c.r, rtol=1e-2, atol=1e-5)
@@ -186,12 +190,14 @@ def test_fused_double_backprop_matches_cpu_autograd():
         torch.testing.assert_close(g_dev.cpu(), g_cpu, rtol=1e-7, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", ["robust", "all", "pgd", "trades"])
+@pytest.mark.parametrize("name", ["robust", "all", "all_compiled_attack", "pgd", "trades"])
 def test_training_loss_on_cuda(name):
     methods = {
         "robust": {"name": "robust", "activation": "hhrelu", "penalty": True},
         "all": {"name": "all", "activation": "hhrelu", "penalty": True,
                 "adversarial": {"kind": "l2min", "eps": 0.1, "steps": 7, "half_and_half": True}},
+        "all_compiled_attack": {"name": "all", "activation": "hhrelu", "penalty": True,
+                                "adversarial": {"kind": "l2min", "eps": 0.1, "steps": 7, "half_and_half": True, "compile": True}},
         "pgd": {"name": "pgd", "adversarial": {"kind": "pgd", "eps": 0.02, "steps": 5}},
         "trades": {"name": "trades", "adversarial": {"kind": "trades", "eps": 0.02, "steps": 5}},
     }

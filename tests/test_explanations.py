@@ -204,6 +204,23 @@ def test_duplicate_pairs_computed_once_and_equal(trained, monkeypatch):
     assert torch.allclose(alone.images[:, 0], res.images[:, 0], atol=1e-5)
 
 
+def test_skipping_unused_gradients_gives_the_same_aes_with_fewer_image_steps(trained):
+    """The default (model run only on pairs still inside the budget) equals running every pair every step."""
+    model, x, y = trained
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, inp: rows.append(inp[0].size(0)))
+    try:
+        every = adversarial_explanations(model, x[:6], y[:6], targets=["true", "second"], skip_unused_gradients=False)
+        n_every, rows[:] = sum(rows), []
+        skip = adversarial_explanations(model, x[:6], y[:6], targets=["true", "second"])
+        n_skip = sum(rows)
+    finally:
+        hook.remove()
+    assert rmse((skip.images - every.images).flatten(0, 1)).max() < 1e-6
+    torch.testing.assert_close(skip.prob_after, every.prob_after, rtol=1e-5, atol=1e-6)
+    assert n_skip < 0.8 * n_every  # pulled-back pairs ran no forward
+
+
 @pytest.mark.slow
 def test_compile_matches_eager(trained):
     """compile=True (torch.compile of the engine passes) gives the eager AEs up to fused-kernel rounding."""
