@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .penalty import draw_device
+from .penalty import at_least_fp32, draw_device
 
 __all__ = [
     "rmse",
@@ -65,7 +65,7 @@ def criterion_mask(
     if criterion == "l2min":
         return logits.argmax(1) == labels
     if criterion == "btr":
-        p = logits.float().softmax(1).gather(1, labels[:, None])[:, 0]
+        p = at_least_fp32(logits).softmax(1).gather(1, labels[:, None])[:, 0]
         return p > 1.0 / logits.size(1)
     raise ValueError(f"Unknown attack criterion '{criterion}'; choose one of {CRITERIA}.")
 
@@ -81,7 +81,7 @@ def ce_input_grad(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         logits = model(x)
-        (grad,) = torch.autograd.grad(F.cross_entropy(logits.float(), labels, reduction="sum"), x)
+        (grad,) = torch.autograd.grad(F.cross_entropy(at_least_fp32(logits), labels, reduction="sum"), x)
     return logits.detach(), grad
 
 
@@ -303,7 +303,7 @@ def pgd_l2(
         delta = torch.zeros_like(images)
     if clip:
         delta = (images + delta).clamp(0, 1) - images
-    loss_fn = lambda logits: F.cross_entropy(logits.float(), labels, reduction="sum")  # noqa: E731
+    loss_fn = lambda logits: F.cross_entropy(at_least_fp32(logits), labels, reduction="sum")  # noqa: E731
     return _l2_ascent(model, images, delta, loss_fn, eps=eps, steps=steps, alpha=alpha, clip=clip)
 
 
@@ -328,9 +328,9 @@ def trades_adversary(
         return images
     alpha = 2.5 * eps / steps if step_size is None else step_size
     with torch.no_grad():
-        p_clean = F.softmax(model(images).float(), dim=1)
+        p_clean = F.softmax(at_least_fp32(model(images)), dim=1)
     delta = 0.001 * torch.randn(images.shape, device=draw_device(generator, images.device), generator=generator).to(images.device)
-    loss_fn = lambda logits: F.kl_div(F.log_softmax(logits.float(), dim=1), p_clean, reduction="sum")  # noqa: E731
+    loss_fn = lambda logits: F.kl_div(F.log_softmax(at_least_fp32(logits), dim=1), p_clean, reduction="sum")  # noqa: E731
     return _l2_ascent(model, images, delta, loss_fn, eps=eps, steps=steps, alpha=alpha, clip=clip)
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attacks import ce_input_grad, engine_update
+from .penalty import at_least_fp32
 
 __all__ = ["compiled_forward", "compiled_input_grad", "compiled_engine_step", "frozen_parameters"]
 
@@ -120,7 +121,7 @@ def compiled_forward(model: nn.Module) -> Callable[[Tensor], Tensor]:
 
 def _loss_and_logits(x: Tensor, model: nn.Module, labels: Tensor) -> tuple[Tensor, Tensor]:
     logits = model(x)
-    return F.cross_entropy(logits.float(), labels, reduction="sum"), logits
+    return F.cross_entropy(at_least_fp32(logits), labels, reduction="sum"), logits
 
 
 _input_grad = torch.func.grad(_loss_and_logits, argnums=0, has_aux=True)

@@ -39,6 +39,12 @@ def select_outputs(
     return _apply_selection(logits, labels, _selection(logits, labels, zeta=zeta, generator=generator))
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 if it is a half type (losses under mixed precision), else unchanged: float64
+    stays float64 (``.float()`` would round float64 checks to float32)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def draw_device(generator: torch.Generator | None, default: torch.device) -> torch.device:
     """Where to draw random numbers: on ``generator``'s device if one is given (a CPU generator
     then drives a CUDA run too, the draws moved after), else on ``default``."""
@@ -103,8 +109,7 @@ def input_gradient_penalty(
     logits = model(x)
     s = select_outputs(logits, labels, zeta=zeta, generator=generator)
     (grad,) = torch.autograd.grad(s.sum(), x, create_graph=create_graph)
-    if grad.dtype in (torch.float16, torch.bfloat16):
-        grad = grad.float()  # accumulate the mean in fp32 under mixed precision
+    grad = at_least_fp32(grad)  # accumulate the mean in fp32 under mixed precision
     penalty = grad.pow(2).mean() if z == 2 else grad.abs().pow(z).mean()
     return logits, penalty
 

@@ -19,7 +19,7 @@ from .adaptive import AdaptivePsi
 from .attacks import engine_attack, half_and_half_mask, pgd_l2, trades_adversary
 from .compiled import compiled_forward, frozen_parameters
 from .double_backprop import use_fused_double_backprop
-from .penalty import PENALTY_IMPLS, finite_difference_penalty, input_gradient_penalty
+from .penalty import PENALTY_IMPLS, at_least_fp32, finite_difference_penalty, input_gradient_penalty
 
 __all__ = ["AdversarialConfig", "MethodConfig", "make_adversarial", "training_loss", "StepOutput"]
 
@@ -257,7 +257,7 @@ def training_loss(
         )
     else:
         logits, penalty = model(x), torch.zeros((), device=images.device)
-    ce = F.cross_entropy(logits.float(), labels)
+    ce = F.cross_entropy(at_least_fp32(logits), labels)
     loss = ce
     if adv_cfg.kind == "trades":
         net, frozen = _attack_forward(model, adv_cfg)
@@ -266,7 +266,7 @@ def training_loss(
                 net, images, eps=adv_cfg.eps, steps=adv_cfg.steps, step_size=adv_cfg.step_size, generator=generator
             )
         kl = F.kl_div(
-            F.log_softmax(model(x_adv).float(), 1), F.softmax(logits.float(), 1), reduction="batchmean"
+            F.log_softmax(at_least_fp32(model(x_adv)), 1), F.softmax(at_least_fp32(logits), 1), reduction="batchmean"
         )
         loss = loss + adv_cfg.beta * kl
     psi_value = 0.0

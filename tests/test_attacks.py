@@ -169,3 +169,25 @@ def test_skip_unused_gradients_gives_a_step_fn_no_single_row_batches():
     got = engine_attack(model, x, y, step_fn=step_fn, skip_unused_gradients=True, **kw)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
     assert sizes == [max(n, 2) for n in following if n > 0]
+
+
+def test_losses_keep_float64_and_upcast_half_types():
+    """A float64 model's training loss and attack gradient stay float64 (no rounding to float32);
+    under bf16 autocast the cross-entropy is taken in float32."""
+    model = _mlp(seed=0).double().eval()
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.rand(6, 1, 3, 4, generator=g, dtype=torch.float64), torch.randint(3, (6,), generator=g)
+    cfg = MethodConfig.from_dict({"name": "robust", "activation": "hhrelu", "penalty": True})
+    out = training_loss(model, x, y, cfg, cfg.make_psi(), generator=torch.Generator().manual_seed(3))
+    assert out.loss.dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(out.ce.detach(), nn.functional.cross_entropy(model(x), y), rtol=1e-14, atol=0)
+    logits, grad = ce_input_grad(model, x, y)
+    assert grad.dtype == torch.float64
+    xr = x.clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(nn.functional.cross_entropy(model(xr), y, reduction="sum"), xr)
+    torch.testing.assert_close(grad, ref, rtol=1e-12, atol=1e-15)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = _mlp(seed=0).eval()
+        _, g16 = ce_input_grad(half, x.float(), y)
+    assert g16.dtype == torch.float32
