@@ -191,7 +191,7 @@ def engine_attack(
 def _step_following_rows(step, images, delta, mom, labels, ss, keep, rule, *, pad: bool):
     """One ``l2`` engine step that runs ``step`` only on the rows following the gradient -> (delta, mom)."""
     with torch.no_grad():
-        follow = rmse(delta) < rule["eps"]  # (B,) criterion_mask's l2 decision: needs no forward
+        follow = criterion_mask("l2", None, labels, delta, eps=rule["eps"])  # (B,) needs no logits
         n = int(follow.sum())
     if n == follow.numel():
         return step(images, delta, mom, labels, ss, keep)[1:]
