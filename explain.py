@@ -8,7 +8,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from lightning_modules.help import register_help_resolver
+
 log = logging.getLogger("explain")
+register_help_resolver()  # --help: this entry point's groups and keys (conf/hydra/default.yaml)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="explain")

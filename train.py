@@ -7,7 +7,10 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+from lightning_modules.help import register_help_resolver
+
 log = logging.getLogger("train")
+register_help_resolver()  # --help: this entry point's groups and keys (conf/hydra/default.yaml)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

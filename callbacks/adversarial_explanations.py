@@ -24,8 +24,10 @@ class AdversarialExplanations(pl.Callback):
     the network's explanations of the same images evolve. Each call writes
     ``<output_dir>/explanations/epoch_XXX.png`` (``final.png`` at the end of training, unless
     the last periodic call already covered that step) with, per image, ``input | AE toward
-    each target`` captioned ``class: p_before -> p_after`` and a row of baseline maps for the
-    true class (see :func:`robustx.figures.explanation_grid`). With a WandbLogger the grid is
+    each target`` captioned ``AE -> class`` over ``p p_before -> p_after`` and a row of
+    baseline maps for the true class with a colour bar (see
+    :func:`robustx.figures.explanation_grid`). ``all`` adds only the classes the other targets
+    do not name, so ``[true, second, all]`` shows each class once. With a WandbLogger the grid is
     logged as a ``wandb.Image`` under ``explanations/grid``; every logger gets the call's cost
     as ``explanations/seconds``, which is also logged as a line. Only global rank 0 works
     (under DDP the other ranks skip the call; the model is used unwrapped, so no collective
@@ -34,7 +36,7 @@ class AdversarialExplanations(pl.Callback):
     Args:
         every_n_epochs: period in epochs (0: only at the end of training).
         num_images: validation images to explain.
-        targets: AE targets (``true`` = the label, ``second``, ``all``, class names/indices).
+        targets: AE targets (``true`` = the label, ``second``, ``all`` = the classes not listed otherwise, class names/indices).
         rho: RMSE budget of the AEs (paper: 0.1).
         steps: engine steps (paper: 35).
         overshoot: engine path length in units of rho (paper: 5).
@@ -142,7 +144,7 @@ class AdversarialExplanations(pl.Callback):
             return
         from robustx.attribution import attribution_maps
         from robustx.explanations import adversarial_explanations
-        from robustx.figures import column_kinds, explanation_grid, save_png
+        from robustx.figures import explanation_grid, save_png
 
         start = time.time()
         self._last_step = trainer.global_step
@@ -163,14 +165,14 @@ class AdversarialExplanations(pl.Callback):
                 res = adversarial_explanations(
                     model, x, labels, targets=self.targets, rho=self.rho, steps=self.steps, overshoot=self.overshoot,
                     autocast_dtype=torch.bfloat16 if self.bf16 else None, channels_last=channels_last, compile=self.compile,
-                    class_names=names,
+                    class_names=names, all_skips_listed=True,
                 )
-                kinds = column_kinds(self.targets, num_classes)
+                kinds = res.kinds  # (N, K); the non-"all" columns sit at the same index in every row
                 explained = y if self.use_labels else res.pred_before  # (N,)
                 maps: dict[str, Tensor] = {}
                 if self.baselines:
-                    if "true" in kinds:
-                        j = kinds.index("true")
+                    if "true" in kinds[0]:
+                        j = kinds[0].index("true")
                         maps["ae"] = (res.images[:, j] - x).float().pow(2).mean(1).sqrt()  # (N, H, W)
                     for m in self.baselines:
                         maps[m] = attribution_maps(model, x, explained, method=m, rho=self.rho, ae_steps=self.steps)  # (N, H, W)
@@ -187,7 +189,7 @@ class AdversarialExplanations(pl.Callback):
         seconds = time.time() - start
         mean_after = float(res.prob_after.mean())
         log.info("adversarial explanations %s: %d images x %d targets%s in %.1f s (%.2f s/image) -> %s", tag, x.size(0),
-                 len(kinds), f" + {len(self.baselines)} baselines" if self.baselines else "", seconds,
+                 len(kinds[0]), f" + {len(self.baselines)} baselines" if self.baselines else "", seconds,
                  seconds / x.size(0), png)
         self.history.append({"tag": tag, "epoch": trainer.current_epoch, "step": trainer.global_step, "png": str(png),
                              "seconds": seconds, "mean_prob_after": mean_after})

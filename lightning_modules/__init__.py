@@ -1,5 +1,12 @@
 """Lightning glue: thin modules that call the framework-free core in :mod:`robustx`."""
 
-from .robust_classifier import RobustClassifier
-
 __all__ = ["RobustClassifier"]
+
+
+def __getattr__(name: str):
+    # Lazy, so that an entry point's --help (lightning_modules.help) does not import Lightning.
+    if name == "RobustClassifier":
+        from .robust_classifier import RobustClassifier
+
+        return RobustClassifier
+    raise AttributeError(name)

@@ -137,7 +137,7 @@ def evaluate_run(cfg: DictConfig, output_dir: Path, result: dict[str, Any]) -> d
             "ensemble": ara_block("ensemble"),
             "robust_acc": robust_acc,
             "warnings": res.get("warnings", []),
-            "search_seconds": res["seconds"],
+            "search_seconds": res["seconds_by_stage"]["search"],
             "wall_seconds": eval_wall,
         },
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), **_versions()},

@@ -21,4 +21,31 @@ def run_job(job: Callable[[DictConfig], Any], cfg: DictConfig, log: logging.Logg
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         log.error("%s: %s", type(err).__name__, err)
+        _remove_empty_run_folder(log)
         sys.exit(2)
+
+
+def _remove_empty_run_folder(log: logging.Logger) -> None:
+    """Delete the Hydra run folder of a job that failed before writing anything but Hydra's own files.
+
+    Such a folder holds nothing to resume or read, and left behind it looks like a run.
+    """
+    import shutil
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or os.environ.get("LOCAL_RANK") not in (None, "0"):
+        return
+    out = Path(HydraConfig.get().runtime.output_dir)
+    if not out.is_dir():
+        return
+    # Hydra's files, the job's log, and what loggers write when they start (the config as
+    # hyperparameters, W&B's run folder) are no results: anything else (a checkpoint, a metrics
+    # file, an output) keeps the folder.
+    starts = [out / ".hydra", out / "wandb", out / "csv"]
+    leftovers = [p for p in out.rglob("*") if p.is_file() and not any(d in p.parents for d in starts)
+                 and not (p.parent == out and p.suffix == ".log")]
+    if not leftovers:
+        shutil.rmtree(out, ignore_errors=True)
+        log.info("removed the run folder %s (nothing was written to it)", out)

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 import robustx
 from robustx.ara import PROTOCOLS, ara_curve, evaluate_batch, summarize
 
-from .loading import checkpoint_paths, load_classifier
+from .loading import checkpoint_paths, load_classifier, output_stems
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +111,33 @@ def _dist() -> tuple[int, int]:
     return dist.get_rank(), world
 
 
+class _CountForwards(torch.nn.Module):
+    """``model`` that reports the batch size of every forward pass (an attack's image-steps, for the progress bar)."""
+
+    def __init__(self, model: torch.nn.Module, on_forward) -> None:
+        super().__init__()
+        self.model, self.on_forward = model, on_forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.on_forward(x.size(0))
+        return self.model(x)
+
+
 def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, num_classes: int, cache_dir: Path | None,
-                        bootstrap: int, device: str, cross_check: dict | None = None) -> dict[str, Any] | None:
-    """Run the minimal-perturbation search on ``dataset[ids]``; per-batch results are cached for resume.
+                        bootstrap: int, device: str, cross_check: dict | None = None,
+                        name: str | None = None) -> dict[str, Any] | None:
+    """Run the minimal-perturbation search on ``dataset[ids]``; results are cached per batch and criterion for resume.
 
     Under torchrun, rank k computes batches k, k + W, ...; the cache folder is where the ranks
     meet: after a barrier rank 0 reads every batch back and summarizes (other ranks return None).
+    Progress is counted in image-steps (search steps and cross-check attack steps) with an ETA
+    per stage, and a one-line estimate of the time left is logged once each stage has been timed.
     """
-    from tqdm.auto import tqdm
+    from robustx.crosscheck import ATTACKS, independent_minimal_perturbation
 
+    from .progress import WorkProgress
+
+    name = name or path.stem
     rank, world = _dist()
     if device == "cuda" and world > 1:
         device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"  # one GPU per torchrun process
@@ -134,11 +152,16 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
     batches = [ids[i : i + settings["batch_size"]] for i in range(0, len(ids), settings["batch_size"])]
     if world > 1 and cache_dir is None:
         raise ValueError("eval.py under torchrun needs cache=true: the cache folder is how ranks share results.")
-    results: list[dict[str, list] | None] = []
     resumed = 0
     mine = [b for b in range(len(batches)) if b % world == rank]
+    modes = list(settings["modes"])
     attacks = list((cross_check or {}).get("attacks", []))
+    for n in attacks:
+        if n not in ATTACKS:
+            raise ValueError(f"unknown cross_check.attacks entry '{n}'; choose from {sorted(ATTACKS)} or [] for none.")
     xsteps = (cross_check or {}).get("steps")
+    steps_of = {**{m: int(settings["steps"]) for m in modes}, **{n: int(xsteps or ATTACKS[n][1]) for n in attacks}}
+    kind = {**{m: f"{settings['protocol']} search ({m})" for m in modes}, **{n: f"cross-check {n}" for n in attacks}}
 
     def save(path: Path | None, rec: dict) -> None:
         if path is not None:
@@ -147,42 +170,61 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
             tmp.write_text(json.dumps(rec))
             os.replace(tmp, path)
 
-    # The paper search and each cross-check attack are cached separately, so adding a
-    # cross-check later reuses the (expensive) paper-protocol results.
-    paths = lambda b: (  # noqa: E731
-        cache_dir / f"batch_{b:05d}.json" if cache_dir else None,
-        {n: cache_dir / f"{n}-{xsteps}_batch_{b:05d}.json" if cache_dir else None for n in attacks},
-    )
-    for b in tqdm(mine, desc=f"ARA {path.name}" + (f" [rank {rank}]" if world > 1 else ""), unit="batch", dynamic_ncols=True):
-        chunk = batches[b]
-        main_path, x_paths = paths(b)
-        rec = _load_cached(main_path)
-        todo = [n for n in attacks if _load_cached(x_paths[n]) is None]
-        if rec is not None and not todo:
-            resumed += 1
-            continue
-        x = torch.stack([dataset[j][0] for j in chunk]).to(device)
-        y = torch.tensor([int(dataset[j][1]) for j in chunk], device=device)
-        if settings["channels_last"]:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if rec is None:
-            t0 = time.time()
-            out = evaluate_batch(model, x, y, modes=tuple(settings["modes"]), steps=settings["steps"], eps=settings["eps"],
-                                 momentum=settings["momentum"], clip=settings["clip"],
-                                 autocast_dtype=torch.bfloat16 if settings["bf16"] else None,
-                                 refine=int(settings.get("refine", 0)), compile=settings["compile"])
-            rec = {k: v.cpu().tolist() for k, v in out.items()}
-            rec["ids"] = chunk
-            rec["seconds"] = time.time() - t0
-            save(main_path, rec)
-        for name in todo:
-            from robustx.crosscheck import independent_minimal_perturbation
+    # One cache file per (batch, criterion) of the paper search and per (batch, attack) of the
+    # cross-check: a killed run loses at most one of them, and adding a cross-check later reuses
+    # the (expensive) search results.
+    def unit_path(b: int, unit: str) -> Path | None:
+        if cache_dir is None:
+            return None
+        return cache_dir / (f"batch_{b:05d}_{unit}.json" if unit in modes else f"{unit}-{xsteps}_batch_{b:05d}.json")
 
-            t0 = time.time()
-            r_ind, _ = independent_minimal_perturbation(model, x.contiguous(), y, attack=name, steps=xsteps)
-            save(x_paths[name], {f"r_{name}": r_ind.cpu().tolist(), f"seconds_{name}": time.time() - t0})
-        if cache_dir is None:  # no cache: keep results in memory
-            results.append(rec)
+    n_mine = sum(len(batches[b]) for b in mine)
+    quick = [f"ara.num_images={max(10, len(ids) // 10)}"] + (["ara.protocol=fast"] if settings["protocol"] == "paper" else [])
+    hint = f"For a quick look: {' or '.join(quick)}" + (", cross_check.attacks=[] skips the cross-check" if attacks else "")
+    log.info("%s: %d images x (%s) = %s image-steps to compute%s", name, n_mine,
+             " + ".join(f"{steps_of[u]} {kind[u]}" for u in [*modes, *attacks]),
+             f"{n_mine * sum(steps_of.values()):,}", f" [rank {rank} of {world}]" if world > 1 else "")
+    prog = WorkProgress({kind[u]: n_mine * steps_of[u] for u in [*modes, *attacks]},
+                        desc=f"ARA {name}" + (f" [rank {rank}]" if world > 1 else ""), unit="image-step", log=log, hint=hint)
+    results: list[dict] = []
+    try:
+        for b in mine:
+            chunk = batches[b]
+            recs = {u: _load_cached(unit_path(b, u)) for u in [*modes, *attacks]}
+            todo = [u for u, r in recs.items() if r is None]
+            for u in recs:
+                if u not in todo:
+                    prog.skip(kind[u], len(chunk) * steps_of[u])
+            if not todo:
+                resumed += 1
+            else:
+                x = torch.stack([dataset[j][0] for j in chunk]).to(device)
+                y = torch.tensor([int(dataset[j][1]) for j in chunk], device=device)
+                if settings["channels_last"]:
+                    x = x.contiguous(memory_format=torch.channels_last)
+            for u in todo:
+                t0, k = time.time(), kind[u]
+                upto = prog.kinds[k].done + len(chunk) * steps_of[u]
+                if u in modes:
+                    out = evaluate_batch(model, x, y, modes=(u,), steps=settings["steps"], eps=settings["eps"],
+                                         momentum=settings["momentum"], clip=settings["clip"],
+                                         autocast_dtype=torch.bfloat16 if settings["bf16"] else None,
+                                         refine=int(settings.get("refine", 0)), compile=settings["compile"],
+                                         progress=lambda m, n, k=k, upto=upto: prog.advance(k, n, upto=upto))
+                    rec = {key: v.cpu().tolist() for key, v in out.items()}
+                    rec.update(ids=chunk, seconds=time.time() - t0)
+                else:
+                    counted = _CountForwards(model, lambda n, k=k, upto=upto: prog.advance(k, n, upto=upto))
+                    r_ind, _ = independent_minimal_perturbation(counted, x.contiguous(), y, attack=u, steps=xsteps)
+                    rec = {f"r_{u}": r_ind.cpu().tolist(), f"seconds_{u}": time.time() - t0}
+                # Images failing unperturbed are not searched: the batch's count ends exact here.
+                prog.advance(k, upto - prog.kinds[k].done, upto=upto)
+                save(unit_path(b, u), rec)
+                recs[u] = rec
+            if cache_dir is None:  # no cache: keep results in memory
+                results.append(_merge(recs, modes))
+    finally:
+        prog.close()
     if world > 1:
         import torch.distributed as dist
 
@@ -192,27 +234,27 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
     if cache_dir is not None:
         results = []
         for b in range(len(batches)):
-            main_path, x_paths = paths(b)
-            rec = _load_cached(main_path)
-            for n in attacks:
-                rec = None if rec is None else {**rec, **(_load_cached(x_paths[n]) or {"missing": True})}
-            if rec is None or "missing" in rec:
-                raise RuntimeError(f"cached batch {b} is missing after evaluation (cache {cache_dir}); rerun to resume.")
-            results.append(rec)
+            recs = {u: _load_cached(unit_path(b, u)) for u in [*modes, *attacks]}
+            missing = [u for u, r in recs.items() if r is None]
+            if missing:
+                raise RuntimeError(f"cached batch {b} ({', '.join(missing)}) is missing after evaluation (cache {cache_dir}); "
+                                   "rerun to resume.")
+            results.append(_merge(recs, modes))
     if resumed:
         log.info("%s: resumed %d of %d batches from %s", path.name, resumed, len(batches), cache_dir)
     wall = time.time() - start
-    # Compute time of the search, summed over batches whether computed now or resumed from the
+    # Compute time of every stage, summed over batches whether computed now or resumed from the
     # cache, so a resumed evaluation still reports what the measurement cost.
     untimed = sum(1 for r in results if "seconds" not in r)
-    seconds = sum(float(r.get("seconds", 0.0)) for r in results)
+    by_stage = {"search": sum(float(r.get("seconds", 0.0)) for r in results),
+                **{n: sum(float(r.get(f"seconds_{n}", 0.0)) for r in results) for n in attacks}}
     cat = lambda k: [v for r in results for v in r[k]]  # noqa: E731
     correct = cat("correct")
     out: dict[str, Any] = {
-        "checkpoint": str(path), "format": info["format"], "model_config": info.get("model_config"),
+        "checkpoint": str(path), "name": name, "format": info["format"], "model_config": info.get("model_config"),
         "num_images": len(ids), "accuracy": sum(correct) / len(correct), "ids": cat("ids"),
-        "seconds": seconds, "wall_seconds_this_run": wall, "batches_resumed": resumed,
-        "batches_without_timing": untimed,
+        "seconds": sum(by_stage.values()), "seconds_by_stage": by_stage, "wall_seconds_this_run": wall,
+        "batches_resumed": resumed, "batches_without_timing": untimed,
     }
     warnings = []
     for mode in settings["modes"]:
@@ -259,6 +301,17 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
     return out
 
 
+def _merge(recs: dict[str, dict], modes: list[str]) -> dict[str, Any]:
+    """One batch's cache records (one per criterion and attack) -> one record; "seconds" sums the criteria's."""
+    out: dict[str, Any] = {}
+    for u, rec in recs.items():
+        out.update({k: v for k, v in rec.items() if k != "seconds"})
+    timed = [recs[m]["seconds"] for m in modes if "seconds" in recs[m]]
+    if len(timed) == len(modes):
+        out["seconds"] = sum(timed)
+    return out
+
+
 def plot_curves(results: list[dict[str, Any]], png: Path, modes: list[str]) -> None:
     import matplotlib
 
@@ -267,12 +320,14 @@ def plot_curves(results: list[dict[str, Any]], png: Path, modes: list[str]) -> N
 
     if all("ensemble" in r for r in results):
         modes = [*modes, "ensemble"]
-    titles = {"attack": "Attack (paper search)", "btr": "BTR (paper search)", "ensemble": "Attack (ensemble: paper + adv-lib)"}
+    protocol = results[0].get("settings", {}).get("protocol", "paper")
+    titles = {"attack": f"Attack ({protocol} search)", "btr": f"BTR ({protocol} search)",
+              "ensemble": f"Attack (ensemble: {protocol} search + adv-lib)"}
     fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), squeeze=False)
     for ax, mode in zip(axes[0], modes):
         for res in results:
             radii, acc = ara_curve(torch.tensor(res[mode]["r"]))
-            ax.step(radii.numpy(), acc.numpy(), where="post", label=f"{Path(res['checkpoint']).stem} (ARA {res[mode]['ara']:.4f})")
+            ax.step(radii.numpy(), acc.numpy(), where="post", label=f"{res.get('name', Path(res['checkpoint']).stem)} (ARA {res[mode]['ara']:.4f})")
         ax.axhline(1.0 / res["num_classes"], color="gray", ls=":", lw=1, label="chance")
         # symlog keeps r = 0 (images already failing) on the axis; r is never negative.
         ax.set_xscale("symlog", linthresh=1e-4, linscale=0.3)
@@ -305,19 +360,18 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    for p in paths:
+    for p, stem in zip(paths, output_stems(paths)):
         key = _cache_key(p, settings, {k: data_cfg.get(k) for k in ("_target_", "root", "limit_test", "val_seed")})
         cache_dir = Path(cfg.paths.log_dir) / "eval_cache" / key if cfg.get("cache") else None
         if cache_dir is not None:
             log.info("%s: per-batch results cached in %s (a killed run resumes from there)", p.name, cache_dir)
         cross = OmegaConf.to_container(cfg.cross_check, resolve=True) if cfg.get("cross_check") else None
         res = evaluate_checkpoint(p, ds, ids, settings, num_classes=int(dm.num_classes), cache_dir=cache_dir,
-                                  bootstrap=int(cfg.ara.bootstrap), device=str(cfg.device), cross_check=cross)
+                                  bootstrap=int(cfg.ara.bootstrap), device=str(cfg.device), cross_check=cross, name=stem)
         if res is None:  # a non-zero torchrun rank: rank 0 writes the outputs
             continue
         res.update({"settings": settings, "data": {k: data_cfg.get(k) for k in ("_target_", "root", "limit_test", "val_seed")},
                     "num_classes": int(dm.num_classes), "versions": _versions(str(cfg.device))})
-        stem = p.stem
         tmp = out_dir / f".{stem}.json.tmp"
         tmp.write_text(json.dumps(res, indent=1))
         os.replace(tmp, out_dir / f"{stem}.json")
@@ -327,7 +381,9 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         )
         if "ensemble" in res:
             line += f", ensemble attack ARA {res['ensemble']['ara']:.5f}"
-        log.info("%s: accuracy %.4f, %s; %.1f s -> %s", p.name, res["accuracy"], line, res["seconds"], out_dir / f"{stem}.json")
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in res["seconds_by_stage"].items())
+        log.info("%s: accuracy %.4f, %s; %.1f s of compute (%s; %.1f s in this run) -> %s", stem, res["accuracy"], line,
+                 res["seconds"], stages, res["wall_seconds_this_run"], out_dir / f"{stem}.json")
         results.append(res)
     if _dist()[1] > 1:
         import torch.distributed as dist

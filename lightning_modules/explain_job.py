@@ -147,7 +147,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     """
     from robustx.attribution import attribution_maps
     from robustx.explanations import adversarial_explanations, resolve_targets
-    from robustx.figures import column_kinds, explanation_grid, save_png
+    from robustx.figures import explanation_grid, save_png
     from robustx.image_io import load_images
 
     start = time.time()
@@ -157,7 +157,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         raise FileNotFoundError(f"ckpt '{cfg.ckpt}' does not exist; pass a .ckpt, .safetensors or an authors' .pt file.")
     images = [str(p) for p in _as_list(cfg.images)]
     if not images:
-        raise ValueError("images is empty; pass image files, e.g. images=[examples/images/cat.png].")
+        raise ValueError("images is empty; pass image files, e.g. images=[examples/images/cat.jpg].")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
 
@@ -188,7 +188,6 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     given = {Path(hydra.utils.to_absolute_path(p)): p for p in images}  # paths as the user wrote them
     for path, msg in loaded.failures:
         log.error("ImageLoadError: %s", msg.replace(str(path), given.get(path, str(path))))
-    kinds = column_kinds(s["targets"], num_classes)
     name = lambda c: names[c] if names else str(c)  # noqa: E731
     outputs, used = [], set()
     for i, path in enumerate(loaded.paths):
@@ -201,8 +200,9 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         res = adversarial_explanations(
             model, x, y, targets=s["targets"], rho=s["rho"], steps=s["steps"], overshoot=s["overshoot"],
             autocast_dtype=torch.bfloat16 if s["bf16"] else None, channels_last=s["channels_last"], compile=s["compile"],
-            class_names=names,
+            class_names=names, all_skips_listed=True,  # "all" adds only the classes not listed: each class once
         )
+        kinds = res.kinds[0]  # (K,) "true", "second", "all", "class" (no padding for a single image)
         t_ae = time.time() - t0
         explained = int(res.pred_before[0]) if label is None else label
         maps, t_maps = {}, {}
@@ -230,7 +230,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
             {"kind": kinds[j], "class": int(res.targets[0, j]), "name": name(int(res.targets[0, j])),
              "prob_before": float(res.prob_before[0, j]), "prob_after": float(res.prob_after[0, j]),
              "rmse": float(res.rmse[0, j]), "pred_after": int(res.pred_after[0, j]), "pred_after_name": name(int(res.pred_after[0, j]))}
-            for j in range(len(kinds))
+            for j in range(len(kinds)) if kinds[j] is not None
         ]
         pred = int(res.pred_before[0])
         record = {
@@ -248,7 +248,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         t_true = [r for r in rows if r["kind"] == "true"]
         gist = f"; AE toward {t_true[0]['name']}: p {t_true[0]['prob_before']:.2f} -> {t_true[0]['prob_after']:.2f}" if t_true else ""
         log.info("%s: pred %s (p %.2f)%s; %d AEs in %.1f s, baselines %.1f s, total %.1f s -> %s", path.name, name(pred),
-                 float(probs[pred]), gist, len(kinds), t_ae, sum(t_maps.values()), seconds, png)
+                 float(probs[pred]), gist, len(rows), t_ae, sum(t_maps.values()), seconds, png)
         outputs.append(record)
     total = time.time() - start
     if outputs:

@@ -68,3 +68,30 @@ def checkpoint_paths(ckpt: Any) -> list[Path]:
     if not paths:
         raise ValueError("ckpt is an empty list; pass one or more checkpoint paths, e.g. 'ckpt=[a.pt,b.pt]'.")
     return paths
+
+
+def output_stems(paths: list[Path]) -> list[str]:
+    """One distinct, readable output name per checkpoint: the file stem, prefixed by parent folders where stems collide.
+
+    Every training run exports ``model.safetensors``, so ``[runA/model.safetensors, runB/model.safetensors]``
+    must not both write ``model.json``: they become ``runA_model`` and ``runB_model``. A unique
+    stem stays as it is.
+    """
+    parts = [Path(p).resolve().parts[:-1] for p in paths]
+    stems = [Path(p).stem for p in paths]
+    names = list(stems)
+    depth = 0
+    while len(set(names)) < len(names):
+        depth += 1
+        clash = {n for n in names if names.count(n) > 1}
+        for i, n in enumerate(names):
+            if n in clash:
+                prefix = [q for q in parts[i][max(0, len(parts[i]) - depth):] if q != "/"]
+                names[i] = "_".join([*prefix, stems[i]])
+        if depth > max(len(p) for p in parts):  # the same file twice: number them
+            seen: dict[str, int] = {}
+            for i, n in enumerate(names):
+                seen[n] = seen.get(n, 0) + 1
+                names[i] = n if seen[n] == 1 else f"{n}-{seen[n]}"
+            break
+    return names

@@ -80,6 +80,10 @@ class RobustClassifier(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.first_step = 0  # global step this fit started at (> 0 when resumed)
+
+    def on_train_start(self) -> None:
+        self.first_step = self.trainer.global_step  # already restored from a resumed checkpoint here
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self._layout(x))

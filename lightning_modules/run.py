@@ -123,6 +123,26 @@ def _resolve_ckpt(path: str | None) -> str | None:
     return str(p)
 
 
+def _refuse_existing_run(output_dir: Path, ckpt_path: str | None) -> None:
+    """A run folder that holds an earlier run's checkpoints or metrics is resumed only on request.
+
+    (Lightning would not resume by itself any more, see callbacks.InterruptCheckpoint, but a
+    fresh run there would mix its checkpoints, metrics.json and W&B files with the earlier run's.)
+    """
+    if ckpt_path is not None or os.environ.get("LOCAL_RANK") not in (None, "0"):
+        return  # an explicit resume; or a DDP child rank, which rank 0 has already checked
+    ckpts = sorted(output_dir.glob("checkpoints/*.ckpt"))
+    earlier = [p for p in (*ckpts, output_dir / "metrics.json") if p.is_file()]
+    if earlier:
+        last = output_dir / "checkpoints" / "last.ckpt"
+        resume = last if last.is_file() else (ckpts[-1] if ckpts else None)
+        how = f"resume it with ckpt_path={resume}" if resume else "resume is not possible (no checkpoint)"
+        raise ValueError(
+            f"run folder {output_dir} already holds an earlier run ({earlier[0].name}); {how}, "
+            "or start fresh in a new folder (drop or change hydra.run.dir)."
+        )
+
+
 def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     out = {}
     for k, v in metrics.items():
@@ -160,7 +180,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         return _train(cfg)
     finally:
+        _finish_wandb()
         _teardown_distributed(env_before)
+
+
+def _finish_wandb() -> None:
+    """End this job's W&B run, so that the next job of a multirun starts its own.
+
+    Lightning's WandbLogger reuses a run that is still in progress in the process, which put
+    every job of a sweep into job 0's run.
+    """
+    import sys
+
+    wandb = sys.modules.get("wandb")  # imported only if a W&B logger was made
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
 def _teardown_distributed(env_before: dict[str, str]) -> None:
@@ -186,6 +220,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = _resolve_ckpt(cfg.get("ckpt_path"))
+    _refuse_existing_run(output_dir, ckpt_path)
 
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
     module = build_module(cfg)
@@ -200,6 +235,11 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     log.info("Output directory: %s", output_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = _scalar_metrics(trainer.callback_metrics)
+    if trainer.optimizers:
+        # LearningRateMonitor's value is the LR of its last logging step; the per-step schedule
+        # may have dropped it since: report the LR training ended with.
+        opt = trainer.optimizers[0]
+        metrics[f"lr-{type(opt).__name__}"] = float(opt.param_groups[0]["lr"])
     train_seconds = time.time() - start
     # Per-rank controller state: under DDP every rank must have used the same psi.
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -233,7 +273,9 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             "psi": module.psi.psi if module.method.penalty else None,
             "train_seconds": train_seconds,
             "global_steps": trainer.global_step,
-            "seconds_per_step": train_seconds / max(1, trainer.global_step),
+            # A resumed run timed only the steps it ran itself.
+            "steps_this_run": trainer.global_step - module.first_step,
+            "seconds_per_step": train_seconds / max(1, trainer.global_step - module.first_step),
             "output_dir": str(output_dir),
         }
         tmp = output_dir / "metrics.json.tmp"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -153,6 +153,7 @@ def minimal_perturbation(
     autocast_dtype: torch.dtype | None = None,
     refine: int = 0,
     compile: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> MinimalPerturbation:
     """Search the smallest-RMSE perturbation that makes each image fail the criterion.
 
@@ -180,6 +181,8 @@ def minimal_perturbation(
             passes only.
         compile: run the search's passes through ``torch.compile`` (:mod:`robustx.compiled`;
             the first call per model and batch shape compiles). Re-check and bisection stay eager.
+        progress: called after every engine step with the number of images searched in it (the
+            image-steps done); images failing unperturbed are not searched and not reported.
     """
     from contextlib import nullcontext
 
@@ -221,6 +224,8 @@ def minimal_perturbation(
             best_ra[better] = r[better]
             best_da[better] = delta[better]
         first_a[(first_a < 0) & fails] = t
+        if progress is not None:
+            progress(int(r.numel()))
 
     crit = lambda logits, y, delta: passes(logits, rmse(delta))  # noqa: E731  (y is labels)
     ctx = torch.autocast(images.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
@@ -336,10 +341,12 @@ def evaluate_batch(
     autocast_dtype: torch.dtype | None = None,
     refine: int = 0,
     compile: bool = False,
+    progress: Callable[[str, int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Minimal perturbations of one batch for each criterion -> {"r_attack", "found_attack", ...}.
 
-    Also returns "correct" (clean prediction is right) and "rechecked_<mode>".
+    Also returns "correct" (clean prediction is right) and "rechecked_<mode>". ``progress(mode, n)``
+    is called after every search step with the n images searched in it.
     """
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -348,7 +355,7 @@ def evaluate_batch(
         for mode in modes:
             res = minimal_perturbation(
                 model, images, labels, mode=mode, steps=steps, eps=eps, momentum=momentum, clip=clip, autocast_dtype=autocast_dtype,
-                refine=refine, compile=compile,
+                refine=refine, compile=compile, progress=None if progress is None else (lambda n, m=mode: progress(m, n)),
             )
             out[f"r_{mode}"] = res.r
             out[f"found_{mode}"] = res.found

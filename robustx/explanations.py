@@ -8,7 +8,10 @@ robust network the AE shows what the network needs to see to call the image that
 
 Every distinct (image, target) pair is one row of a single batch of at most B * K images, so one
 call explains many images toward many classes with one engine run (optionally split into
-chunks); a pair requested twice (``["true", "all"]``) is computed once.
+chunks); a pair requested twice (``["true", "all"]``) is computed once. With
+``all_skips_listed=True`` (what explain.py and the training callback use) ``"all"`` adds only
+the classes that the spec's other items do not already name, so ``["true", "second", "all"]``
+shows each class once: K = C columns instead of C + 2.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch import Tensor, nn
 from .attacks import engine_attack, rmse
 from .compiled import compiled_engine_step, compiled_forward, frozen_parameters
 
-__all__ = ["TargetSpec", "AEResult", "resolve_targets", "adversarial_explanations", "TARGET_KEYWORDS"]
+__all__ = ["TargetSpec", "AEResult", "resolve_targets", "resolve_target_columns", "adversarial_explanations", "TARGET_KEYWORDS"]
 
 log = logging.getLogger(__name__)
 
@@ -85,29 +88,35 @@ def _one_target(
     raise ValueError(f"Bad target {item!r} ({type(item).__name__}); choose {_choices(c, class_names)}.")
 
 
-def resolve_targets(
+def _kind(item: object) -> str:
+    """Column kind of one spec item: ``true``, ``second``, ``all`` or ``class`` (an index or a name)."""
+    return item if isinstance(item, str) and item in TARGET_KEYWORDS else "class"
+
+
+def resolve_target_columns(
     logits: Tensor,
     labels: Tensor | None,
     spec: TargetSpec,
     *,
     class_names: Sequence[str] | None = None,
-) -> Tensor:
-    """Turn a target spec into the target classes of every image -> (B, K) int64.
+    all_skips_listed: bool = False,
+) -> tuple[Tensor, list[list[str | None]]]:
+    """Target classes of every image and what each column is -> ((B, K) int64, B lists of K kinds).
 
-    Args:
-        logits: (B, C) the model's logits on the clean images (used by ``second`` and, without
-            labels, by ``true``).
-        labels: (B,) int true classes in 0..C-1, or None to use the predicted classes.
-        spec: ``"true"`` (the label, or the predicted class without labels), ``"second"`` (the
-            most confident class other than ``true``'s), ``"all"`` (0..C-1), an int class
-            index, a class name (needs ``class_names``; exact, else unique case-insensitive
-            match), or a list of these concatenated in order (``["true", "second", "all"]``
-            gives K = C + 2).
-        class_names: (C,) names of the classes.
-    Returns:
-        (B, K) int64 target classes.
-    Raises:
-        ValueError: unknown names, out-of-range indices, empty lists, labels of the wrong shape.
+    Like :func:`resolve_targets`, plus the kind of every column of every image: ``"true"``,
+    ``"second"``, ``"all"`` or ``"class"`` (an index or a name), and ``None`` for a padding slot.
+
+    With ``all_skips_listed`` the first ``"all"`` item expands, per image, to the classes in
+    0..C-1 that the spec's other items (before or after it) do not name for that image, in
+    ascending order, and any further ``"all"`` adds nothing: every class then appears once
+    (``["true", "second", "all"]`` gives K = C: the true class, the second one, then the other
+    C - 2). The other items are kept as given, even if two of them name the same class. Where
+    images of one call leave different numbers of classes (a named class equal to the true or
+    second class of some images only), the block has the largest number of columns and the
+    shorter rows end with padding slots of kind ``None``; their targets repeat classes already
+    listed for the image, so :func:`adversarial_explanations` computes nothing for them.
+    Without ``all_skips_listed`` every ``"all"`` gives C columns (``["true", "second", "all"]``
+    gives K = C + 2, the true and second classes twice).
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be (B, C), got shape {tuple(logits.shape)}.")
@@ -128,7 +137,64 @@ def resolve_targets(
     items = [spec] if isinstance(spec, (str, int, torch.Tensor)) else list(spec)
     if not items:
         raise ValueError(f"Empty target list; choose {_choices(c, class_names)}.")
-    return torch.cat([_one_target(it, true_cls, logits, class_names) for it in items], dim=1).long()
+    blocks = [_one_target(it, true_cls, logits, class_names).long() for it in items]  # each (B, k_i)
+    kinds = [_kind(it) for it in items]
+    if all_skips_listed and "all" in kinds:
+        listed = [blk for blk, kind in zip(blocks, kinds) if kind != "all"]
+        shown = torch.zeros(b, c, dtype=torch.bool, device=logits.device)  # (B, C) classes named by the other items
+        if listed:
+            shown.scatter_(1, torch.cat(listed, 1), True)
+        rest = c - shown.sum(1)  # (B,) classes left for "all"
+        width = int(rest.max()) if b else c
+        # Per image: the unlisted classes in ascending order, then the listed ones (padding, used only in short rows).
+        order = torch.argsort(shown.long() * c + torch.arange(c, device=logits.device), dim=1)  # (B, C)
+        first = kinds.index("all")
+        blocks = [blk if kind != "all" else (order[:, :width] if j == first else order[:, :0])
+                  for j, (blk, kind) in enumerate(zip(blocks, kinds))]
+        pad = (torch.arange(width, device=logits.device) >= rest[:, None]).tolist()  # (B, width)
+        per_image = []
+        for i in range(b):
+            row: list[str | None] = []
+            for j, (blk, kind) in enumerate(zip(blocks, kinds)):
+                if kind != "all":
+                    row.append(kind)
+                elif j == first:
+                    row += [None if p else "all" for p in pad[i]]
+            per_image.append(row)
+    else:
+        row = [kind for blk, kind in zip(blocks, kinds) for _ in range(blk.size(1))]
+        per_image = [list(row) for _ in range(b)]
+    return torch.cat(blocks, dim=1).long(), per_image
+
+
+def resolve_targets(
+    logits: Tensor,
+    labels: Tensor | None,
+    spec: TargetSpec,
+    *,
+    class_names: Sequence[str] | None = None,
+    all_skips_listed: bool = False,
+) -> Tensor:
+    """Turn a target spec into the target classes of every image -> (B, K) int64.
+
+    Args:
+        logits: (B, C) the model's logits on the clean images (used by ``second`` and, without
+            labels, by ``true``).
+        labels: (B,) int true classes in 0..C-1, or None to use the predicted classes.
+        spec: ``"true"`` (the label, or the predicted class without labels), ``"second"`` (the
+            most confident class other than ``true``'s), ``"all"`` (0..C-1), an int class
+            index, a class name (needs ``class_names``; exact, else unique case-insensitive
+            match), or a list of these concatenated in order (``["true", "second", "all"]``
+            gives K = C + 2).
+        class_names: (C,) names of the classes.
+        all_skips_listed: ``"all"`` adds only the classes the other items do not name
+            (``["true", "second", "all"]`` then gives K = C); see :func:`resolve_target_columns`.
+    Returns:
+        (B, K) int64 target classes.
+    Raises:
+        ValueError: unknown names, out-of-range indices, empty lists, labels of the wrong shape.
+    """
+    return resolve_target_columns(logits, labels, spec, class_names=class_names, all_skips_listed=all_skips_listed)[0]
 
 
 @dataclass
@@ -142,6 +208,9 @@ class AEResult:
     rmse: Tensor  # (B, K) RMSE(AE - image) in [0, 1] pixel space
     pred_before: Tensor  # (B,) predicted class on the clean image
     pred_after: Tensor  # (B, K) predicted class on the AE
+    #: (B, K) kind of each column: "true", "second", "all", "class", or None for a padding slot
+    #: (see :func:`resolve_target_columns`; its values repeat another column of the image).
+    kinds: list[list[str | None]] | None = None
 
 
 @contextmanager
@@ -225,6 +294,7 @@ def adversarial_explanations(
     chunk_size: int | None = None,
     class_names: Sequence[str] | None = None,
     skip_unused_gradients: bool = True,
+    all_skips_listed: bool = False,
 ) -> AEResult:
     """Adversarial explanations of each image toward each target class (paper, "Adversarial explanations").
 
@@ -263,6 +333,9 @@ def adversarial_explanations(
             gradient (RMSE(delta) < rho); the others are pulled back along -delta, which needs
             no forward. Same AEs up to float rounding, about 40% fewer image-steps with the
             paper's settings (:func:`robustx.attacks.engine_attack`). False: every pair every step.
+        all_skips_listed: ``"all"`` adds only the classes that the other targets do not name,
+            so every class is one column (``["true", "second", "all"]``: K = C, not C + 2); the
+            AEs of the classes shown are the same either way. See :func:`resolve_target_columns`.
     Returns:
         :class:`AEResult` with (B, K, ...) tensors.
     Raises:
@@ -276,7 +349,8 @@ def adversarial_explanations(
         x = images.contiguous(memory_format=fmt)
         n_eval = chunk_size or max(b, 1)
         logits = _full_precision_logits(model, x, n_eval, compile=compile)  # (B, num_classes)
-        tgt = resolve_targets(logits, labels, targets, class_names=class_names)  # (B, K)
+        tgt, kinds = resolve_target_columns(logits, labels, targets, class_names=class_names,
+                                            all_skips_listed=all_skips_listed)  # (B, K), B lists of K
         k = tgt.size(1)
         probs = logits.softmax(1)
         prob_before = probs.gather(1, tgt)  # (B, K)
@@ -331,4 +405,5 @@ def adversarial_explanations(
         rmse=r.reshape(b, k),  # (B, K)
         pred_before=pred_before,
         pred_after=logits_after.argmax(1).reshape(b, k),  # (B, K)
+        kinds=kinds,
     )

@@ -1,9 +1,10 @@
 """Figures of adversarial explanations next to the usual saliency baselines (matplotlib, Agg, no pyplot).
 
 :func:`explanation_grid` draws, for every image, a row ``input | AE toward each target`` with
-each AE panel captioned ``class: p_before -> p_after``, and under it a row of attribution maps
-(Grad-CAM, integrated gradients, saliency, SmoothGrad, LIME, ...) for the image's true or
-predicted class. It is pure: tensors and names in, a :class:`matplotlib.figure.Figure` out,
+each AE panel captioned with its class (``AE -> dog``; ``AE -> cat (true)`` and ``AE -> dog
+(second)`` for those columns) over ``p p_before -> p_after``, and under it a row of attribution
+maps (Grad-CAM, integrated gradients, saliency, SmoothGrad, LIME, ...) for the image's true or
+predicted class, with a shared colour bar (each map is scaled to its own maximum). It is pure: tensors and names in, a :class:`matplotlib.figure.Figure` out,
 built on its own Agg canvas so no pyplot state is created or leaked. :func:`save_png` writes a
 figure atomically (temporary file in the same folder, then ``os.replace``).
 """
@@ -17,7 +18,7 @@ from typing import Mapping, Sequence
 
 from torch import Tensor
 
-__all__ = ["BASELINE_TITLES", "column_kinds", "explanation_grid", "save_png"]
+__all__ = ["BASELINE_TITLES", "MAP_COLORBAR_LABEL", "column_kinds", "explanation_grid", "save_png"]
 
 #: Display names of the attribution methods (robustx.attribution.METHODS).
 BASELINE_TITLES = {
@@ -29,13 +30,18 @@ BASELINE_TITLES = {
     "lime": "LIME",
 }
 
+#: What the colour of an attribution-map panel means (each map is divided by its own maximum).
+MAP_COLORBAR_LABEL = "map / max (per image)"
+
 
 def column_kinds(spec: Sequence[object] | str | int, num_classes: int) -> list[str]:
     """Column kinds of a target spec, one per AE column -> (K,) strings.
 
     ``"true"`` and ``"second"`` keep their names, ``"all"`` expands to ``num_classes`` columns
     of kind ``"all"``, anything else (a class index or name) is ``"class"``; matches the K
-    columns that :func:`robustx.explanations.resolve_targets` produces for the same spec.
+    columns that :func:`robustx.explanations.resolve_targets` produces for the same spec with
+    its default ``all_skips_listed=False``. With ``all_skips_listed=True`` the columns depend
+    on the images: use ``AEResult.kinds`` (or :func:`robustx.explanations.resolve_target_columns`).
     """
     items = [spec] if isinstance(spec, (str, int)) else list(spec)
     out: list[str] = []
@@ -62,11 +68,17 @@ def _show_image(ax, x: Tensor) -> None:
         ax.imshow(x[:3].permute(1, 2, 0).numpy(), interpolation="nearest")  # (H, W, 3)
 
 
-def _show_map(ax, m: Tensor) -> None:
-    """Draw a (H, W) non-negative map scaled to its own maximum."""
+def _show_map(ax, m: Tensor):
+    """Draw a (H, W) non-negative map scaled to its own maximum -> the AxesImage (colour range [0, 1])."""
     m = m.detach().float().cpu()
     top = float(m.max()) if m.numel() else 0.0
-    ax.imshow((m / top if top > 0 else m).numpy(), cmap="inferno", vmin=0, vmax=1, interpolation="nearest")
+    return ax.imshow((m / top if top > 0 else m).numpy(), cmap="inferno", vmin=0, vmax=1, interpolation="nearest")
+
+
+def _ae_caption(kind: str, cls: str, before: float, after: float) -> str:
+    """``AE -> cls`` (``(true)`` / ``(second)`` added for those columns) over ``p before -> after``."""
+    tag = f" ({kind})" if kind in ("true", "second") else ""
+    return f"AE -> {cls}{tag}\np {before:.2f} -> {after:.2f}"
 
 
 def _blank(ax) -> None:
@@ -95,8 +107,10 @@ def explanation_grid(
     """Grid of adversarial explanations (and baseline maps) of B images -> matplotlib Figure.
 
     Per image: a row ``input | AE(target 1) | ... | AE(target K)``, each AE captioned
-    ``class: p_before -> p_after`` (the target's softmax probability on the image and on the
-    AE), then, if ``baselines`` is given, a row of attribution maps for ``baseline_targets``.
+    ``AE -> class`` (with ``(true)`` or ``(second)`` for those kinds of column) over
+    ``p p_before -> p_after`` (the target's softmax probability on the image and on the AE),
+    then, if ``baselines`` is given, a row of attribution maps for ``baseline_targets`` whose
+    first panel names the class and holds the row's colour bar (:data:`MAP_COLORBAR_LABEL`).
 
     Args:
         images: (B, C, H, W) inputs in [0, 1], C = 1 or 3.
@@ -105,7 +119,9 @@ def explanation_grid(
         prob_before: (B, K) target probability on the image.
         prob_after: (B, K) target probability on the AE.
         class_names: (num_classes,) names; indices are shown without them.
-        kinds: (K,) column kinds, e.g. from :func:`column_kinds` (``true``, ``second``, ``all``, ``class``).
+        kinds: (K,) column kinds shared by all images, e.g. from :func:`column_kinds`, or (B, K)
+            per image, e.g. ``AEResult.kinds`` (``true``, ``second``, ``all``, ``class``; None:
+            a padding slot, drawn blank).
         preds: (B,) predicted classes, shown over the input.
         pred_probs: (B,) their probabilities, shown with them.
         labels: (B,) true classes (None: unknown), shown over the input.
@@ -134,8 +150,14 @@ def explanation_grid(
         if tuple(t.shape) != (b, k):
             raise ValueError(f"{name} must be (B, K) = ({b}, {k}), got {tuple(t.shape)}.")
     kinds = list(kinds) if kinds is not None else ["class"] * k
-    if len(kinds) != k:
+    if kinds and all(isinstance(row, (list, tuple)) for row in kinds):  # (B, K) per image
+        if len(kinds) != b or any(len(row) != k for row in kinds):
+            raise ValueError(f"kinds per image must be (B, K) = ({b}, {k}), got {len(kinds)} rows of {[len(r) for r in kinds]}.")
+        kinds_of = [list(row) for row in kinds]
+    elif len(kinds) != k:
         raise ValueError(f"kinds has {len(kinds)} entries for K = {k} explanations per image; pass one per column.")
+    else:
+        kinds_of = [kinds] * b
     baselines = dict(baselines or {})
     for name, m in baselines.items():
         if tuple(m.shape) != (b, *images.shape[2:]):
@@ -169,12 +191,13 @@ def explanation_grid(
             ax.set_ylabel(str(row_titles[i]), fontsize=fontsize)
         for j in range(k):
             ax = axes[r, 1 + j]
+            if kinds_of[i][j] is None:  # padding slot (a class shown in another column)
+                _blank(ax)
+                continue
             _show_image(ax, explanations[i, j])
             c = int(targets[i, j])
-            ax.set_title(
-                f"AE: {kinds[j]}\n{_name(c, class_names)}: {float(prob_before[i, j]):.2f} -> {float(prob_after[i, j]):.2f}",
-                fontsize=fontsize,
-            )
+            ax.set_title(_ae_caption(kinds_of[i][j], _name(c, class_names), float(prob_before[i, j]), float(prob_after[i, j])),
+                         fontsize=fontsize)
         for j in range(1 + k, ncols):
             _blank(axes[r, j])
         if baselines:
@@ -182,11 +205,15 @@ def explanation_grid(
             ax = axes[r, 0]
             ax.set_axis_off()
             cls = _name(int(baseline_targets[i]), class_names) if baseline_targets is not None else "?"
-            ax.text(0.5, 0.5, f"maps for\n{cls}", ha="center", va="center", fontsize=fontsize + 1, transform=ax.transAxes)
+            ax.text(0.5, 0.8, f"maps for\n{cls}", ha="center", va="center", fontsize=fontsize + 1, transform=ax.transAxes)
             for j, (name, maps) in enumerate(baselines.items()):
-                ax = axes[r, 1 + j]
-                _show_map(ax, maps[i])
-                ax.set_title(BASELINE_TITLES.get(name, name), fontsize=fontsize)
+                mappable = _show_map(axes[r, 1 + j], maps[i])
+                axes[r, 1 + j].set_title(BASELINE_TITLES.get(name, name), fontsize=fontsize)
+            # One colour bar for the row (every map is drawn on [0, 1] with the same colour map).
+            cax = ax.inset_axes([0.1, 0.38, 0.8, 0.1])
+            cbar = fig.colorbar(mappable, cax=cax, orientation="horizontal", ticks=[0, 0.5, 1])
+            cbar.ax.tick_params(labelsize=fontsize - 0.5, length=2, pad=1)
+            cbar.set_label(MAP_COLORBAR_LABEL, fontsize=fontsize, labelpad=2)
             for j in range(1 + len(baselines), ncols):
                 _blank(axes[r, j])
     if title:

@@ -10,12 +10,15 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["invalidation_grid", "manipulation_plot", "save_figure"]
+__all__ = ["MAP_COLORBAR_LABEL", "invalidation_grid", "manipulation_plot", "save_figure"]
 
 log = logging.getLogger(__name__)
 
 _METHOD_LABELS = {"ae": "AE", "gradcam": "Grad-CAM", "integrated_gradients": "IG", "saliency": "saliency",
                   "smoothgrad": "SmoothGrad", "lime": "LIME"}
+
+#: What a map panel's colour means: each map is divided by its own maximum (as in robustx.figures).
+MAP_COLORBAR_LABEL = "map / max (per image)"
 
 
 def save_figure(fig, png: str | Path, *, dpi: int = 110) -> Path:
@@ -62,6 +65,9 @@ def invalidation_grid(
 ) -> Path:
     """One row per image: clean | adversarial | for each method the clean map (true class) and the map of the new class.
 
+    Each map is scaled to its own maximum and drawn on [0, 1] with one colour map; every row
+    ends with a colour bar saying so (``map / max (per image)``).
+
     Args:
         png: output path.
         clean: (N, C, H, W) clean images in [0, 1].
@@ -83,7 +89,9 @@ def invalidation_grid(
         raise ValueError("invalidation_grid needs at least one image; the study found no changed prediction to show.")
     name = lambda c: class_names[c] if class_names else str(c)  # noqa: E731
     cols = 2 + 2 * len(methods)
-    fig, axes = plt.subplots(n, cols, figsize=(1.25 * cols, 1.45 * n + 0.5), squeeze=False)
+    bar = 1 if methods else 0  # a narrow last column for each row's colour bar
+    fig, axes = plt.subplots(n, cols + bar, figsize=(1.25 * cols + 0.55 * bar, 1.45 * n + 0.5), squeeze=False,
+                             gridspec_kw={"width_ratios": [1] * cols + [0.08] * bar})
     for i in range(n):
         row = axes[i]
         row[0].imshow(_rgb(clean[i]))
@@ -96,9 +104,15 @@ def invalidation_grid(
             b.imshow(_norm(maps_adv[m][i]), cmap="inferno", vmin=0, vmax=1)
             a.set_title(f"{_METHOD_LABELS.get(m, m)}\n{name(labels[i])} (clean)", fontsize=6)
             b.set_title(f"{_METHOD_LABELS.get(m, m)}\n{name(preds[i])} (adv)", fontsize=6)
-    for ax in axes.flat:
+    for ax in axes[:, :cols].flat:
         ax.set_xticks([])
         ax.set_yticks([])
+    if bar:
+        mappable = axes[0, cols - 1].images[0]  # every map: inferno on [0, 1]
+        for i in range(n):
+            cbar = fig.colorbar(mappable, cax=axes[i, cols], ticks=[0, 0.5, 1])
+            cbar.ax.tick_params(labelsize=5, length=2, pad=1)
+            cbar.set_label(MAP_COLORBAR_LABEL, fontsize=5.5, labelpad=2)
     if title:
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()

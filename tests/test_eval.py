@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,9 +52,22 @@ def _export(path: Path, seed: int) -> Path:
 
 
 def test_eval_json_png_resume_and_several_checkpoints(tmp_path):
-    a, b = _export(tmp_path / "a.safetensors", 0), _export(tmp_path / "b.safetensors", 1)
+    # Every training run exports model.safetensors: two of them must get distinct outputs and labels.
+    (tmp_path / "runA").mkdir()
+    (tmp_path / "runB").mkdir()
+    a, b = _export(tmp_path / "runA" / "model.safetensors", 0), _export(tmp_path / "runB" / "model.safetensors", 1)
     proc = run_eval(tmp_path, f"ckpt=[{a},{b}]", *CHEAP, "hydra.run.dir=out1")
-    res = json.loads((tmp_path / "out1" / "a.json").read_text())
+    res = json.loads((tmp_path / "out1" / "runA_model.json").read_text())
+    other = json.loads((tmp_path / "out1" / "runB_model.json").read_text())
+    assert (res["name"], other["name"]) == ("runA_model", "runB_model") and other["checkpoint"] == str(b)
+    assert res["attack"]["r"] != other["attack"]["r"]
+    assert not (tmp_path / "out1" / "model.json").exists()
+    # Progress is counted in image-steps, and the final line's seconds include the cross-check.
+    out = proc.stdout + proc.stderr
+    assert "16 images x (12 cheap search (attack) + 12 cheap search (btr) + 30 cross-check alma) = 864 image-steps" in out, out[-3000:]
+    assert "image-step" in out and "?batch/s" not in out
+    assert set(res["seconds_by_stage"]) == {"search", "alma"} and res["seconds_by_stage"]["alma"] > 0
+    assert res["seconds"] == pytest.approx(sum(res["seconds_by_stage"].values()))
     for key in ("checkpoint", "accuracy", "attack", "btr", "ensemble", "cross_check", "settings", "versions", "seconds", "ids", "warnings"):
         assert key in res, key
     for mode in ("attack", "btr"):
@@ -64,16 +78,24 @@ def test_eval_json_png_resume_and_several_checkpoints(tmp_path):
     assert sum(r > 0 for r in res["attack"]["r"]) / 16 == pytest.approx(res["accuracy"])
     assert res["ensemble"]["ara"] <= res["attack"]["ara"] + 1e-12
     assert res["settings"]["steps"] == 12 and res["versions"]["torch"] == torch.__version__
-    for f in ("a.png", "b.png", "curves.png"):
+    for f in ("runA_model.png", "runB_model.png", "curves.png"):
         assert (tmp_path / "out1" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A second run over the same images resumes every batch from the cache, with identical results.
     proc = run_eval(tmp_path, f"ckpt={a}", *CHEAP, "hydra.run.dir=out2")
     assert "resumed 2 of 2 batches" in proc.stdout + proc.stderr
-    res2 = json.loads((tmp_path / "out2" / "a.json").read_text())
+    res2 = json.loads((tmp_path / "out2" / "model.json").read_text())
     assert res2["attack"]["r"] == res["attack"]["r"]
     # The search's cost survives the resume (summed from the cached batches), not 0 s.
     assert res["seconds"] > 0 and res2["seconds"] == pytest.approx(res["seconds"])
     assert res2["batches_resumed"] == 2 and res2["batches_without_timing"] == 0
+    # The cache unit is one criterion (or cross-check attack) of one batch: a run killed inside
+    # batch 2's BTR search keeps everything before it and recomputes only that unit.
+    key = Path(re.search(r"per-batch results cached in (\S+)", proc.stdout + proc.stderr).group(1))
+    (key / "batch_00001_btr.json").unlink()
+    proc = run_eval(tmp_path, f"ckpt={a}", *CHEAP, "hydra.run.dir=out3")
+    assert "resumed 1 of 2 batches" in proc.stdout + proc.stderr
+    res3 = json.loads((tmp_path / "out3" / "model.json").read_text())
+    assert res3["btr"]["r"] == pytest.approx(res["btr"]["r"], rel=1e-6) and res3["attack"]["r"] == res["attack"]["r"]
 
 
 @pytest.mark.slow
@@ -145,4 +167,4 @@ def test_eval_torchrun_two_ranks_equals_one_process(tmp_path):
     for mode in ("attack", "btr"):
         assert two[mode]["r"] == pytest.approx(one[mode]["r"], rel=1e-5, abs=1e-7)
     # each rank computed its own batches
-    assert len(list((tmp_path / "logs_multi" / "eval_cache").glob("*/batch_*.json"))) == 2
+    assert len(list((tmp_path / "logs_multi" / "eval_cache").glob("*/batch_*_attack.json"))) == 2

@@ -89,9 +89,11 @@ def test_explain_rgb_model_on_files_of_any_size_with_bad_files(tmp_path):
         assert rec["class_names"][0] == "airplane" and len(rec["class_names"]) == 10  # CIFAR-10 default names
         assert rec["input_shape"] == [3, 32, 32]
         kinds = [t["kind"] for t in rec["targets"]]
-        assert kinds == ["true", "second"] + ["all"] * 10
+        assert kinds == ["true", "second"] + ["all"] * 8  # "all": the 8 classes not already shown
         assert rec["targets"][0]["class"] == rec["pred_before"]  # no label: "true" is the predicted class
-        assert [t["class"] for t in rec["targets"][2:]] == list(range(10))
+        classes = [t["class"] for t in rec["targets"]]
+        assert sorted(classes) == list(range(10))  # every class once
+        assert classes[2:] == sorted(set(range(10)) - set(classes[:2]))
         for t in rec["targets"]:
             assert 0 <= t["prob_before"] <= 1 and 0 <= t["prob_after"] <= 1
             assert 0 < t["rmse"] <= 0.1 * (1 + 1e-3)
@@ -157,12 +159,13 @@ def test_explain_user_errors_exit_2(tmp_path, monkeypatch, capsys, override, mes
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
     code = _explain_in_process(tmp_path, monkeypatch, f"ckpt={ckpt}", f"images=[{img}]", override, "hydra.run.dir=out")
     captured = capsys.readouterr()
-    out = captured.out + captured.err + (tmp_path / "out" / "explain.log").read_text()
+    out = captured.out + captured.err
     assert code == 2, out[-3000:]
+    # Nothing was written: the failed run leaves no run folder behind.
+    assert not (tmp_path / "out").exists()
     assert "Traceback" not in out
     lines = [ln for ln in out.splitlines() if "ValueError" in ln]
     assert lines and all(message in ln for ln in lines), lines
-    assert not list((tmp_path / "out").glob("*.png"))
 
 
 # -- robustx.image_io ------------------------------------------------------------------------
@@ -229,6 +232,14 @@ def test_image_io_modes_sizes_and_failures(tmp_path, caplog):
 # -- robustx.figures -------------------------------------------------------------------------
 
 
+def _colorbars(fig) -> list:
+    """Colour-bar axes of a figure (inset ones included), found by their label."""
+    from robustx.figures import MAP_COLORBAR_LABEL
+
+    axes = [a for ax in fig.axes for a in (ax, *ax.child_axes)]
+    return [a for a in axes if MAP_COLORBAR_LABEL in (a.get_xlabel(), a.get_ylabel())]
+
+
 def test_explanation_grid_is_pure_and_written_atomically(tmp_path):
     import matplotlib.pyplot as plt
 
@@ -248,15 +259,72 @@ def test_explanation_grid_is_pure_and_written_atomically(tmp_path):
                            baseline_targets=t[:, 0], row_titles=["a", "b"], title="test")
     assert plt.get_fignums() == figs_before  # nothing registered with pyplot
     titles = [ax.get_title() for ax in fig.axes]
-    assert f"AE: true\ncat: {float(pb[0, 0]):.2f} -> {float(pa[0, 0]):.2f}" in titles
+    assert f"AE -> cat (true)\np {float(pb[0, 0]):.2f} -> {float(pa[0, 0]):.2f}" in titles
+    assert f"AE -> dog (second)\np {float(pb[0, 1]):.2f} -> {float(pa[0, 1]):.2f}" in titles
+    # every "all" column names its class
+    assert f"AE -> cat\np {float(pb[0, 2]):.2f} -> {float(pa[0, 2]):.2f}" in titles
+    assert f"AE -> dog\np {float(pb[1, 3]):.2f} -> {float(pa[1, 3]):.2f}" in titles
+    assert not any("all" in tt for tt in titles)
     assert "Grad-CAM" in titles and "LIME" in titles
+    bars = _colorbars(fig)  # one colour bar per map row, [0, 1]
+    assert len(bars) == b and all(a.get_xlim() == (0.0, 1.0) for a in bars)
     png = save_png(fig, tmp_path / "sub" / "grid.png", dpi=50)
     assert png.read_bytes()[:8] == PNG_MAGIC
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["grid.png"]  # no temporary file left
     with Image.open(png) as im:
         assert min(im.size) > 100
-    # grayscale, no baselines
+    # grayscale, no baselines: no colour bar
     fig = explanation_grid(x[:, :1], ae[:, :, :1], t, pb, pa)
-    assert len(fig.axes) == b * (1 + k)
+    assert len(fig.axes) == b * (1 + k) and not _colorbars(fig)
     with pytest.raises(ValueError, match="must be \\(B, K\\)"):
         explanation_grid(x, ae, t[:, :2], pb, pa)
+    # per-image kinds (AEResult.kinds): a padding slot (None) is drawn blank, without a caption
+    fig = explanation_grid(x, ae, t, pb, pa, class_names=["cat", "dog"], kinds=[["true", "class", "all", "all"],
+                                                                                 ["true", "class", "all", None]])
+    assert sum(ax.get_title().startswith("AE -> ") for ax in fig.axes) == 2 * k - 1
+    with pytest.raises(ValueError, match="kinds per image"):
+        explanation_grid(x, ae, t, pb, pa, kinds=[["true"] * k])
+
+
+def test_explain_default_targets_each_class_once_captioned_with_colorbar(tmp_path, monkeypatch):
+    """targets=[true, second, all]: one AE per class (engine rows), JSON rows and captions name every class once."""
+    import robustx.explanations as ex
+    import robustx.figures as figures
+
+    rows, figs = [], []
+    engine, grid = ex.engine_attack, figures.explanation_grid
+    monkeypatch.setattr(ex, "engine_attack", lambda m, imgs, *a, **k: rows.append(imgs.size(0)) or engine(m, imgs, *a, **k))
+    monkeypatch.setattr(figures, "explanation_grid", lambda *a, **k: figs.append(grid(*a, **k)) or figs[-1])
+    ckpt = _export(tmp_path / "rgb.safetensors", in_channels=3)
+    img = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(img)
+    code = _explain_in_process(tmp_path, monkeypatch, f"ckpt={ckpt}", f"images=[{img}]", "steps=3", "baselines=[saliency]",
+                               "out_dir=out")
+    assert code == 0
+    assert rows == [10]  # one engine row per class: true and second are not explained again
+    rec = json.loads((tmp_path / "out" / "a.json").read_text())
+    targets = rec["targets"]
+    assert [t["kind"] for t in targets] == ["true", "second"] + ["all"] * 8
+    assert sorted(t["class"] for t in targets) == list(range(10))
+    assert all(t["name"] == rec["class_names"][t["class"]] for t in targets)
+    (fig,) = figs
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title().startswith("AE -> ")]
+    tags = {"true": " (true)", "second": " (second)", "all": ""}
+    assert titles == [f"AE -> {t['name']}{tags[t['kind']]}\np {t['prob_before']:.2f} -> {t['prob_after']:.2f}" for t in targets]
+    assert len(_colorbars(fig)) == 1
+
+
+def test_invalidation_grid_has_a_colorbar_per_row(tmp_path, monkeypatch):
+    import robustx.study_figures as sf
+
+    figs = []
+    save = sf.save_figure
+    monkeypatch.setattr(sf, "save_figure", lambda fig, png, **k: figs.append(fig) or save(fig, png, **k))
+    g = torch.Generator().manual_seed(0)
+    maps = lambda: {m: torch.rand(2, 8, 8, generator=g) for m in ("ae", "gradcam")}  # noqa: E731
+    png = sf.invalidation_grid(tmp_path / "maps.png", clean=torch.rand(2, 3, 8, 8, generator=g),
+                               adversarial=torch.rand(2, 3, 8, 8, generator=g), maps_clean=maps(), maps_adv=maps(),
+                               labels=[0, 1], preds=[1, 0], r=[0.01, 0.02], class_names=["cat", "dog"], title="t")
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    (fig,) = figs
+    assert len(_colorbars(fig)) == 2

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from robustx.attacks import engine_attack, rmse
-from robustx.explanations import AEResult, adversarial_explanations, resolve_targets
+from robustx.explanations import AEResult, adversarial_explanations, resolve_target_columns, resolve_targets
 from robustx.models import PreActResNet, SmallCNN
 
 NAMES = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -80,6 +80,57 @@ def test_true_second_all_gives_k_12_for_10_classes():
     masked = logits.scatter(1, labels[:, None], float("-inf"))
     assert torch.equal(t[:, 1], masked.argmax(1))
     assert torch.equal(t[:, 2:], torch.arange(10).expand(5, 10))
+
+
+def test_all_skips_listed_gives_each_class_once_with_kinds():
+    logits = torch.tensor([[0.1, 3.0, 2.0, -1.0], [5.0, 1.0, 4.0, 0.0]])
+    # default spec: true, second, then the other classes in ascending order
+    t, kinds = resolve_target_columns(logits, None, ["true", "second", "all"], all_skips_listed=True)
+    assert t.tolist() == [[1, 2, 0, 3], [0, 2, 1, 3]]
+    assert kinds == [["true", "second", "all", "all"]] * 2
+    assert torch.equal(resolve_targets(logits, None, ["true", "second", "all"], all_skips_listed=True), t)
+    # without the flag: unchanged (K = C + 2, kinds as figures.column_kinds gives them)
+    t, kinds = resolve_target_columns(logits, None, ["true", "second", "all"])
+    assert t.tolist() == [[1, 2, 0, 1, 2, 3], [0, 2, 0, 1, 2, 3]] and kinds == [["true", "second"] + ["all"] * 4] * 2
+    # "all" first skips the classes named after it; a second "all" adds nothing
+    t, kinds = resolve_target_columns(logits, None, ["all", "true", "all"], all_skips_listed=True)
+    assert t.tolist() == [[0, 2, 3, 1], [1, 2, 3, 0]] and kinds == [["all", "all", "all", "true"]] * 2
+    # a named class equal to "true" for image 0 only: the other items stay, the shorter row is padded (None)
+    t, kinds = resolve_target_columns(logits, None, ["true", 1, "all"], all_skips_listed=True)
+    assert t.tolist() == [[1, 1, 0, 2, 3], [0, 1, 2, 3, 0]]
+    assert kinds == [["true", "class", "all", "all", "all"], ["true", "class", "all", "all", None]]
+    # every class listed: "all" adds no column
+    t, kinds = resolve_target_columns(logits, None, [0, 1, 2, 3, "all"], all_skips_listed=True)
+    assert t.tolist() == [[0, 1, 2, 3]] * 2 and kinds == [["class"] * 4] * 2
+
+
+def test_all_skips_listed_same_aes_each_class_computed_once(trained, monkeypatch):
+    """[true, second, all] with all_skips_listed: K = C, one engine row per (image, class), the plain call's AEs."""
+    import robustx.explanations as ex
+
+    model, x, y = trained
+    rows = []
+    real = ex.engine_attack
+    monkeypatch.setattr(ex, "engine_attack", lambda m, imgs, *a, **k: rows.append(imgs.size(0)) or real(m, imgs, *a, **k))
+    spec = ["true", "second", "all"]
+    plain = adversarial_explanations(model, x[:3], y[:3], targets=spec, steps=10)
+    once = adversarial_explanations(model, x[:3], y[:3], targets=spec, steps=10, all_skips_listed=True)
+    assert rows == [3 * 4, 3 * 4]  # the same distinct pairs either way
+    assert plain.images.shape[1] == 6 and once.images.shape[1] == 4 and once.targets.shape == (3, 4)
+    assert once.kinds == [["true", "second", "all", "all"]] * 3
+    assert plain.kinds == [["true", "second", "all", "all", "all", "all"]] * 3
+    for i in range(3):
+        assert sorted(once.targets[i].tolist()) == [0, 1, 2, 3]  # every class once
+        for j, c in enumerate(once.targets[i].tolist()):
+            assert torch.equal(once.images[i, j], plain.images[i, 2 + c])  # bit-identical AEs
+            assert once.prob_after[i, j] == plain.prob_after[i, 2 + c] and once.rmse[i, j] == plain.rmse[i, 2 + c]
+            assert once.prob_before[i, j] == plain.prob_before[i, 2 + c]
+    # padded rows (a named class equal to some images' true class) cost no engine row
+    rows.clear()
+    res = adversarial_explanations(model, x[:3], y[:3], targets=["true", int(y[0]), "all"], steps=3, all_skips_listed=True)
+    assert rows == [3 * 4]
+    assert [row.count(None) for row in res.kinds] == [0 if int(y[i]) == int(y[0]) else 1 for i in range(3)]
+    assert len(set(y[:3].tolist())) > 1  # so some row is padded
 
 
 @pytest.mark.parametrize(

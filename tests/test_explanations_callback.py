@@ -111,7 +111,7 @@ def test_callback_writes_pngs_and_logs_wandb_images_offline(tmp_path, monkeypatc
     for m in media:
         _valid_png(m)
     lines = [r.getMessage() for r in caplog.records if r.name == "callbacks.adversarial_explanations"]
-    assert len(lines) == 2 and all("2 images x 12 targets + 2 baselines in" in ln and "s/image" in ln for ln in lines)
+    assert len(lines) == 2 and all("2 images x 10 targets + 2 baselines in" in ln and "s/image" in ln for ln in lines)
     assert cb.history[0]["tag"] == "epoch_000" and cb.history[1]["epoch"] == 1
 
 

@@ -74,13 +74,27 @@ def test_ddp_sim_ranks_share_psi(tmp_path):
     assert states[0]["global_step"] == states[1]["global_step"] == 4  # 1024 images / 2 ranks / 128
 
 
-def test_multirun_two_jobs(tmp_path):
-    run_train(tmp_path, "-m", "+experiment=demo", "logger=csv", "trainer.max_epochs=1", "method.l_target=1.0,2.0", *SMALL)
+def test_multirun_two_jobs_one_wandb_run_each(tmp_path):
+    # The default logger (W&B, offline): each job gets its own run, named by its overrides, in
+    # one group per sweep (Lightning's WandbLogger reused job 0's run for every later job).
+    proc = run_train(tmp_path, "-m", "+experiment=demo", "trainer.max_epochs=1", "method.l_target=1.0,2.0", *SMALL,
+                     env={"WANDB_MODE": "offline"})
+    assert "already in progress" not in proc.stdout + proc.stderr
     runs = run_dirs(tmp_path, "multiruns")
     assert len(runs) == 2
-    targets = sorted(json.loads((r / "metrics.json").read_text())["method"]["l_target"] for r in runs)
-    assert targets == [1.0, 2.0]
     assert runs[0].parent == runs[1].parent  # one sweep folder, one subfolder per job
+    group = f"demo-{runs[0].parent.name}".encode()
+    targets = {r: json.loads((r / "metrics.json").read_text())["method"]["l_target"] for r in runs}
+    assert sorted(targets.values()) == [1.0, 2.0]
+    for r, target in targets.items():
+        (wb,) = (r / "wandb").glob("offline-run-*")
+        (record,) = wb.glob("run-*.wandb")  # the run's protobuf record log: name, group, config, history
+        data = record.read_bytes()
+        other = 3.0 - target
+        assert group in data and f"method.l_target={target}".encode() in data
+        assert f"method.l_target={other}".encode() not in data
+        log = (wb / "files" / "output.log").read_text()
+        assert "Final metrics" in log and log.count("Final metrics") == 1
 
 
 def test_multirun_with_ddp_sim(tmp_path):
@@ -97,12 +111,27 @@ def test_resume_continues_where_it_stopped(tmp_path):
     # leaves as last.ckpt. Resuming from it must reproduce the uninterrupted run exactly
     # (weights, psi integrator, data order, optimizer and lr schedule).
     common = ["+experiment=demo", "logger=csv", "test=false", *SMALL, "data.limit_train=512", "trainer.max_epochs=2", "method.l_target=3.0"]
-    run_train(tmp_path, *common, "callbacks.model_checkpoint.save_top_k=-1")
+    proc = run_train(tmp_path, *common, "callbacks.model_checkpoint.save_top_k=-1")
+    # A fresh run says nothing about resuming (Lightning's OnExceptionCheckpoint made ckpt_path=None mean "last").
+    assert "ckpt_path" not in proc.stdout + proc.stderr and "Restoring states" not in proc.stdout + proc.stderr
     (ref,) = run_dirs(tmp_path)
     ckpt = ref / "checkpoints" / "epoch_000.ckpt"
     assert ckpt.is_file()
+    # Rerunning into that folder without ckpt_path refuses in one line that says how to resume.
+    before = (ref / "metrics.json").read_bytes()
+    proc = run_train(tmp_path, *common, f"hydra.run.dir={ref}", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in out, out[-2000:]
+    assert f"already holds an earlier run" in out and f"ckpt_path={ref / 'checkpoints' / 'last.ckpt'}" in out
+    assert (ref / "metrics.json").read_bytes() == before and run_dirs(tmp_path) == [ref]
     run_train(tmp_path, *common, f"ckpt_path={ckpt}")
     (resumed,) = [r for r in run_dirs(tmp_path) if r != ref]
+    # metrics.json: the LR training ended with (8 steps, milestones at steps 7 and 8 -> 0.1 / 100),
+    # and a resumed run's seconds per step count only the steps it ran.
+    m_ref, m_res = (json.loads((r / "metrics.json").read_text()) for r in (ref, resumed))
+    assert m_ref["metrics"]["lr-SGD"] == pytest.approx(1e-3) and m_res["metrics"]["lr-SGD"] == pytest.approx(1e-3)
+    assert (m_ref["steps_this_run"], m_res["steps_this_run"], m_res["global_steps"]) == (8, 4, 8)
+    assert m_res["seconds_per_step"] == pytest.approx(m_res["train_seconds"] / 4)
     from safetensors.torch import load_file
 
     a, b = load_file(ref / "model.safetensors"), load_file(resumed / "model.safetensors")
@@ -133,6 +162,7 @@ def test_user_errors_are_one_line(tmp_path, override, message):
     assert proc.returncode == 2, out[-2000:]
     assert message in out
     assert "Traceback" not in out
+    assert run_dirs(tmp_path) == []  # a run that wrote nothing leaves no run folder
 
 
 def test_ara_callback_logs_to_wandb_offline(tmp_path):
