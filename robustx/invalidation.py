@@ -220,6 +220,7 @@ def invalidation_study(
     bootstrap: int = 1000,
     keep_tensors: bool = False,
     progress: Callable[[str], None] | None = None,
+    search_progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Compare each method's maps before and after the smallest attack that flips the prediction.
 
@@ -264,6 +265,8 @@ def invalidation_study(
         bootstrap: resamples for the summary's CIs.
         keep_tensors: also return ``tensors`` (clean and adversarial images, maps) for figures.
         progress: called with a short label after the search and after each method.
+        search_progress: passed to :func:`robustx.ara.minimal_perturbation` as ``progress``:
+            called after every search step with the number of images searched in it.
     Returns:
         {"records": [per correctly classified image: id, label, pred_adv, r, found, rechecked,
         changed, metrics {method: {metric: value}}], "summary": :func:`summarize_invalidation`,
@@ -292,7 +295,7 @@ def invalidation_study(
     if x.size(0):
         with torch.enable_grad():
             res = minimal_perturbation(model, x, y, mode="attack", steps=attack_steps, eps=attack_eps, momentum=attack_momentum,
-                                       clip=attack_clip, autocast_dtype=autocast_dtype)
+                                       clip=attack_clip, autocast_dtype=autocast_dtype, progress=search_progress)
         adv = res.adversarial.to(x.dtype)
         with torch.no_grad():
             pred_adv = model(adv).float().argmax(1)

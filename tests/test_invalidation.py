@@ -145,6 +145,20 @@ def test_invalidation_study_records_really_change_the_prediction():
     assert again["methods"]["saliency"]["top_overlap"]["mean"] == pytest.approx(s["methods"]["saliency"]["top_overlap"]["mean"])
 
 
+def test_invalidation_study_reports_search_progress_in_image_steps():
+    model = _resnet()
+    x = _smooth(5, 3, 16, seed=6)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[1] = (y[1] + 1) % 10  # misclassified: not searched
+    steps, seen, labels = 12, [], []
+    out = invalidation_study(model, x, y, methods=["saliency"], attack_steps=steps, attack_eps=2.0, bootstrap=0,
+                             progress=labels.append, search_progress=seen.append)
+    assert out["num_correct"] == 4
+    assert seen == [4] * steps  # one call per search step, with the images searched in it
+    assert labels == ["minimal perturbation", "maps saliency"]
+
+
 def test_invalidation_study_rejects_unknown_methods():
     with pytest.raises(ValueError, match="Unknown attribution method"):
         invalidation_study(_resnet(), torch.rand(1, 3, 8, 8), torch.zeros(1, dtype=torch.long), methods=["gradcam", "nope"])
