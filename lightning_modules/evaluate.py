@@ -152,7 +152,7 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
     batches = [ids[i : i + settings["batch_size"]] for i in range(0, len(ids), settings["batch_size"])]
     if world > 1 and cache_dir is None:
         raise ValueError("eval.py under torchrun needs cache=true: the cache folder is how ranks share results.")
-    resumed = 0
+    resumed = units_resumed = 0
     mine = [b for b in range(len(batches)) if b % world == rank]
     modes = list(settings["modes"])
     attacks = list((cross_check or {}).get("attacks", []))
@@ -192,6 +192,7 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
             chunk = batches[b]
             recs = {u: _load_cached(unit_path(b, u)) for u in [*modes, *attacks]}
             todo = [u for u, r in recs.items() if r is None]
+            units_resumed += len(recs) - len(todo)
             for u in recs:
                 if u not in todo:
                     prog.skip(kind[u], len(chunk) * steps_of[u])
@@ -240,8 +241,9 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
                 raise RuntimeError(f"cached batch {b} ({', '.join(missing)}) is missing after evaluation (cache {cache_dir}); "
                                    "rerun to resume.")
             results.append(_merge(recs, modes))
-    if resumed:
-        log.info("%s: resumed %d of %d batches from %s", path.name, resumed, len(batches), cache_dir)
+    if units_resumed:
+        log.info("%s: resumed %d of %d batches from %s (%d of %d batch x criterion/attack units)", path.name, resumed,
+                 len(batches), cache_dir, units_resumed, len(mine) * (len(modes) + len(attacks)))
     wall = time.time() - start
     # Compute time of every stage, summed over batches whether computed now or resumed from the
     # cache, so a resumed evaluation still reports what the measurement cost.

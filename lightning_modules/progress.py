@@ -75,7 +75,7 @@ class WorkProgress:
         self.start = self.last = time.time()
         self.bar = tqdm(total=int(sum(totals.values())), desc=desc, unit=f" {unit}", unit_scale=True, dynamic_ncols=True,
                         disable=not enabled, postfix="ETA after warm-up",
-                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}{unit} [{elapsed}, {postfix}]")
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}{unit} [{elapsed}{postfix}]")
 
     def skip(self, kind: str, n: float) -> None:
         """``n`` units of ``kind`` need no work (cached, or nothing to search): done, not timed."""
