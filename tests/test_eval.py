@@ -168,3 +168,19 @@ def test_eval_torchrun_two_ranks_equals_one_process(tmp_path):
         assert two[mode]["r"] == pytest.approx(one[mode]["r"], rel=1e-5, abs=1e-7)
     # each rank computed its own batches
     assert len(list((tmp_path / "logs_multi" / "eval_cache").glob("*/batch_*_attack.json"))) == 2
+
+
+def test_curve_titles_name_the_protocol_and_labels_the_output_names(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from lightning_modules.evaluate import plot_curves
+
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    res = [{"checkpoint": f"/x/{d}/model.safetensors", "name": f"{d}_model", "num_classes": 10, "settings": {"protocol": "cheap"},
+            "attack": {"r": [0.0, 0.01, 0.02], "ara": 0.01}, "btr": {"r": [0.0, 0.02, 0.03], "ara": 0.02}} for d in ("runA", "runB")]
+    plot_curves(res, tmp_path / "curves.png", ["attack", "btr"])
+    (fig,) = figs
+    assert [ax.get_title() for ax in fig.axes] == ["Attack (cheap search)", "BTR (cheap search)"]
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels[:2] == ["runA_model (ARA 0.0100)", "runB_model (ARA 0.0100)"]
