@@ -366,7 +366,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         key = _cache_key(p, settings, {k: data_cfg.get(k) for k in ("_target_", "root", "limit_test", "val_seed")})
         cache_dir = Path(cfg.paths.log_dir) / "eval_cache" / key if cfg.get("cache") else None
         if cache_dir is not None:
-            log.info("%s: per-batch results cached in %s (a killed run resumes from there)", p.name, cache_dir)
+            log.info("%s: per-batch results cached in %s (a killed run resumes from there)", stem, cache_dir)
         cross = OmegaConf.to_container(cfg.cross_check, resolve=True) if cfg.get("cross_check") else None
         res = evaluate_checkpoint(p, ds, ids, settings, num_classes=int(dm.num_classes), cache_dir=cache_dir,
                                   bootstrap=int(cfg.ara.bootstrap), device=str(cfg.device), cross_check=cross, name=stem)
