@@ -89,14 +89,32 @@ def _versions(device: str = "cpu") -> dict[str, str]:
             "device": where}
 
 
-def _load_cached(path: Path | None) -> dict | None:
+def _record_digest(rec: dict) -> str:
+    """sha256 of a cache record's content (without its own digest field)."""
+    body = {k: v for k, v in rec.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _load_cached(path: Path | None, *, ids: list[int] | None = None, keys: tuple[str, ...] = ()) -> dict | None:
+    """A cache record if it is intact: its checksum matches, each of ``keys`` holds one value per image of
+    ``ids`` (and its "ids", where it has them, are ``ids``); else None.
+
+    A record that was edited, truncated or written by something else is recomputed (with a
+    warning), never used: a scaled r_i would silently change the ARA.
+    """
     if path is None or not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        log.warning("ignoring corrupt cache file %s", path)
+        rec = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        rec = None
+    ok = isinstance(rec, dict) and rec.get("sha256") == _record_digest(rec) and all(
+        isinstance(rec.get(k), list) and (ids is None or len(rec[k]) == len(ids)) for k in keys) and (
+        ids is None or rec.get("ids", ids) == ids)
+    if not ok:
+        log.warning("ignoring corrupt or edited cache file %s (recomputing it)", path)
         return None
+    return rec
 
 
 def _dist() -> tuple[int, int]:
@@ -167,7 +185,7 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{rank}")
-            tmp.write_text(json.dumps(rec))
+            tmp.write_text(json.dumps({**rec, "sha256": _record_digest(rec)}))
             os.replace(tmp, path)
 
     # One cache file per (batch, criterion) of the paper search and per (batch, attack) of the
@@ -177,6 +195,11 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
         if cache_dir is None:
             return None
         return cache_dir / (f"batch_{b:05d}_{unit}.json" if unit in modes else f"{unit}-{xsteps}_batch_{b:05d}.json")
+
+    def unit_keys(unit: str) -> tuple[str, ...]:
+        if unit in modes:
+            return ("ids", "correct", *(f"{k}_{unit}" for k in ("r", "found", "rechecked", "first_fail_step")))
+        return (f"r_{unit}",)
 
     n_mine = sum(len(batches[b]) for b in mine)
     quick = [f"ara.num_images={max(10, len(ids) // 10)}"] + (["ara.protocol=fast"] if settings["protocol"] == "paper" else [])
@@ -190,7 +213,7 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
     try:
         for b in mine:
             chunk = batches[b]
-            recs = {u: _load_cached(unit_path(b, u)) for u in [*modes, *attacks]}
+            recs = {u: _load_cached(unit_path(b, u), ids=chunk, keys=unit_keys(u)) for u in [*modes, *attacks]}
             todo = [u for u, r in recs.items() if r is None]
             units_resumed += len(recs) - len(todo)
             for u in recs:
@@ -235,7 +258,7 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
     if cache_dir is not None:
         results = []
         for b in range(len(batches)):
-            recs = {u: _load_cached(unit_path(b, u)) for u in [*modes, *attacks]}
+            recs = {u: _load_cached(unit_path(b, u), ids=batches[b], keys=unit_keys(u)) for u in [*modes, *attacks]}
             missing = [u for u, r in recs.items() if r is None]
             if missing:
                 raise RuntimeError(f"cached batch {b} ({', '.join(missing)}) is missing after evaluation (cache {cache_dir}); "

@@ -96,6 +96,17 @@ def test_eval_json_png_resume_and_several_checkpoints(tmp_path):
     assert "resumed 1 of 2 batches" in proc.stdout + proc.stderr
     res3 = json.loads((tmp_path / "out3" / "model.json").read_text())
     assert res3["btr"]["r"] == pytest.approx(res["btr"]["r"], rel=1e-6) and res3["attack"]["r"] == res["attack"]["r"]
+    # An edited cache record (r_i scaled) and an empty one are detected and recomputed, never used.
+    edited = json.loads((key / "batch_00000_attack.json").read_text())
+    edited["r_attack"] = [2 * r for r in edited["r_attack"]]
+    (key / "batch_00000_attack.json").write_text(json.dumps(edited))
+    (key / "alma-30_batch_00001.json").write_text("{}")
+    proc = run_eval(tmp_path, f"ckpt={a}", *CHEAP, "hydra.run.dir=out4")
+    assert (proc.stdout + proc.stderr).count("ignoring corrupt or edited cache file") == 2
+    res4 = json.loads((tmp_path / "out4" / "model.json").read_text())
+    assert res4["attack"]["r"] == pytest.approx(res["attack"]["r"], rel=1e-6)
+    assert res4["cross_check"]["alma"]["r"] == res["cross_check"]["alma"]["r"]  # None: ALMA failed on that image
+    assert res4["ensemble"]["ara"] == pytest.approx(res["ensemble"]["ara"], rel=1e-6)
 
 
 @pytest.mark.slow
