@@ -242,7 +242,7 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
                     r_ind, _ = independent_minimal_perturbation(counted, x.contiguous(), y, attack=u, steps=xsteps)
                     rec = {f"r_{u}": r_ind.cpu().tolist(), f"seconds_{u}": time.time() - t0}
                 # Images failing unperturbed are not searched: the batch's count ends exact here.
-                prog.advance(k, upto - prog.kinds[k].done, upto=upto)
+                prog.finish(k, upto)
                 save(unit_path(b, u), rec)
                 recs[u] = rec
             if cache_dir is None:  # no cache: keep results in memory

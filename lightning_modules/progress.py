@@ -72,7 +72,7 @@ class WorkProgress:
         self.kinds = {k: _Kind(v) for k, v in totals.items()}
         self.unit, self.log, self.hint = unit, log, hint
         self.estimate_after, self.long_seconds = estimate_after, long_seconds
-        self.start = self.last = time.time()
+        self.last = time.time()
         self.bar = tqdm(total=int(sum(totals.values())), desc=desc, unit=f" {unit}", unit_scale=True, dynamic_ncols=True,
                         disable=not enabled, postfix="ETA after warm-up",
                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}{unit} [{elapsed}{postfix}]")
@@ -104,10 +104,17 @@ class WorkProgress:
             self._log_estimate(kind)
         self._refresh()
 
-    def finish(self, kind: str, total_done: float) -> None:
-        """Set ``kind``'s done count to ``total_done`` (an exact count at the end of a batch)."""
-        k = self.kinds[kind]
-        self.advance(kind, max(0.0, total_done - k.done))
+    def finish(self, kind: str, target: float, *, timed: bool = True) -> None:
+        """Bring ``kind``'s done count up to ``target`` (an exact count at the end of a batch).
+
+        ``timed``: the gap was computed just now (e.g. a search's images failing unperturbed,
+        counted at the end); else it needed no work (cached) and stays out of the rate.
+        """
+        gap = max(0.0, target - self.kinds[kind].done)
+        if timed:
+            self.advance(kind, gap, upto=target)
+        elif gap > 0:
+            self.skip(kind, gap)
 
     def remaining_seconds(self) -> tuple[float, list[str]]:
         """(seconds left over the kinds with a measured rate, names of kinds with work left and no rate yet)."""
@@ -139,10 +146,6 @@ class WorkProgress:
         seconds, unknown = self.remaining_seconds()
         text = f"ETA {format_duration(seconds)}" + (" + untimed" if unknown else "")
         self.bar.set_postfix_str(text if seconds > 0 or not unknown else "ETA after warm-up", refresh=False)
-
-    @property
-    def elapsed(self) -> float:
-        return time.time() - self.start
 
     def close(self) -> None:
         self.bar.close()

@@ -241,6 +241,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         opt = trainer.optimizers[0]
         metrics[f"lr-{type(opt).__name__}"] = float(opt.param_groups[0]["lr"])
     train_seconds = time.time() - start
+    steps_this_run = trainer.global_step - module.first_step  # a resumed run timed only the steps it ran itself
     # Per-rank controller state: under DDP every rank must have used the same psi.
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / f"rank{trainer.global_rank}_state.json").write_text(
@@ -273,9 +274,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             "psi": module.psi.psi if module.method.penalty else None,
             "train_seconds": train_seconds,
             "global_steps": trainer.global_step,
-            # A resumed run timed only the steps it ran itself.
-            "steps_this_run": trainer.global_step - module.first_step,
-            "seconds_per_step": train_seconds / max(1, trainer.global_step - module.first_step),
+            "steps_this_run": steps_this_run,
+            "seconds_per_step": train_seconds / max(1, steps_this_run),
             "output_dir": str(output_dir),
         }
         tmp = output_dir / "metrics.json.tmp"

@@ -210,9 +210,7 @@ def _quick_hint(s: dict[str, Any]) -> str:
 def _settle(progress: WorkProgress, kind: str, target: float) -> None:
     """Mark ``kind`` done up to ``target`` units without timing them (cached, or images needing no work)."""
     if kind in progress.kinds:
-        gap = target - progress.kinds[kind].done
-        if gap > 0:
-            progress.skip(kind, gap)
+        progress.finish(kind, target, timed=False)
 
 
 def _cache_settings(s: dict[str, Any]) -> dict[str, Any]:

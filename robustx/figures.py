@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 from torch import Tensor
 
-__all__ = ["BASELINE_TITLES", "MAP_COLORBAR_LABEL", "column_kinds", "explanation_grid", "save_png"]
+__all__ = ["BASELINE_TITLES", "MAP_COLORBAR_LABEL", "explanation_grid", "save_png"]
 
 #: Display names of the attribution methods (robustx.attribution.METHODS).
 BASELINE_TITLES = {
@@ -32,27 +32,6 @@ BASELINE_TITLES = {
 
 #: What the colour of an attribution-map panel means (each map is divided by its own maximum).
 MAP_COLORBAR_LABEL = "map / max (per image)"
-
-
-def column_kinds(spec: Sequence[object] | str | int, num_classes: int) -> list[str]:
-    """Column kinds of a target spec, one per AE column -> (K,) strings.
-
-    ``"true"`` and ``"second"`` keep their names, ``"all"`` expands to ``num_classes`` columns
-    of kind ``"all"``, anything else (a class index or name) is ``"class"``; matches the K
-    columns that :func:`robustx.explanations.resolve_targets` produces for the same spec with
-    its default ``all_skips_listed=False``. With ``all_skips_listed=True`` the columns depend
-    on the images: use ``AEResult.kinds`` (or :func:`robustx.explanations.resolve_target_columns`).
-    """
-    items = [spec] if isinstance(spec, (str, int)) else list(spec)
-    out: list[str] = []
-    for item in items:
-        if item in ("true", "second"):
-            out.append(str(item))
-        elif item == "all":
-            out += ["all"] * num_classes
-        else:
-            out.append("class")
-    return out
 
 
 def _name(c: int, class_names: Sequence[str] | None) -> str:
@@ -119,7 +98,7 @@ def explanation_grid(
         prob_before: (B, K) target probability on the image.
         prob_after: (B, K) target probability on the AE.
         class_names: (num_classes,) names; indices are shown without them.
-        kinds: (K,) column kinds shared by all images, e.g. from :func:`column_kinds`, or (B, K)
+        kinds: (K,) column kinds shared by all images, e.g. ``AEResult.kinds[0]`` or :func:`robustx.explanations.resolve_target_columns`, or (B, K)
             per image, e.g. ``AEResult.kinds`` (``true``, ``second``, ``all``, ``class``; None:
             a padding slot, drawn blank).
         preds: (B,) predicted classes, shown over the input.

@@ -243,7 +243,8 @@ def _colorbars(fig) -> list:
 def test_explanation_grid_is_pure_and_written_atomically(tmp_path):
     import matplotlib.pyplot as plt
 
-    from robustx.figures import column_kinds, explanation_grid, save_png
+    from robustx.explanations import resolve_target_columns
+    from robustx.figures import explanation_grid, save_png
 
     b, k = 2, 4
     g = torch.Generator().manual_seed(0)
@@ -251,7 +252,7 @@ def test_explanation_grid_is_pure_and_written_atomically(tmp_path):
     ae = (x[:, None] + 0.3 * torch.randn(b, k, 3, 8, 8, generator=g))  # (B, K, C, H, W), outside [0, 1] on purpose
     t = torch.tensor([[0, 1, 0, 1], [1, 0, 0, 1]])
     pb, pa = torch.rand(b, k, generator=g), torch.rand(b, k, generator=g)
-    kinds = column_kinds(["true", "second", "all"], 2)
+    kinds = resolve_target_columns(torch.zeros(1, 2), None, ["true", "second", "all"])[1][0]
     assert kinds == ["true", "second", "all", "all"]
     figs_before = plt.get_fignums()
     fig = explanation_grid(x, ae, t, pb, pa, class_names=["cat", "dog"], kinds=kinds, preds=t[:, 0], labels=t[:, 0],

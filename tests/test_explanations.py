@@ -89,7 +89,7 @@ def test_all_skips_listed_gives_each_class_once_with_kinds():
     assert t.tolist() == [[1, 2, 0, 3], [0, 2, 1, 3]]
     assert kinds == [["true", "second", "all", "all"]] * 2
     assert torch.equal(resolve_targets(logits, None, ["true", "second", "all"], all_skips_listed=True), t)
-    # without the flag: unchanged (K = C + 2, kinds as figures.column_kinds gives them)
+    # without the flag: unchanged (K = C + 2, every "all" column of kind "all")
     t, kinds = resolve_target_columns(logits, None, ["true", "second", "all"])
     assert t.tolist() == [[1, 2, 0, 1, 2, 3], [0, 2, 0, 1, 2, 3]] and kinds == [["true", "second"] + ["all"] * 4] * 2
     # "all" first skips the classes named after it; a second "all" adds nothing
