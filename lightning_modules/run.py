@@ -93,7 +93,7 @@ def instantiate_loggers(cfg: DictConfig) -> list[Any]:
     return loggers
 
 
-def instantiate_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+def instantiate_callbacks(cfg: DictConfig, *, has_logger: bool = True) -> list[pl.Callback]:
     bar = cfg.trainer.get("enable_progress_bar", True)
     return [
         hydra.utils.instantiate(cb)
@@ -102,6 +102,8 @@ def instantiate_callbacks(cfg: DictConfig) -> list[pl.Callback]:
         and "_target_" in cb
         # trainer.enable_progress_bar=false must win over a configured progress-bar callback.
         and (bar or "ProgressBar" not in str(cb._target_))
+        # LearningRateMonitor refuses a Trainer without logger (logger=none); metrics.json still has the LR.
+        and (has_logger or "LearningRateMonitor" not in str(cb._target_))
     ]
 
 
@@ -224,8 +226,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
     module = build_module(cfg)
-    callbacks = instantiate_callbacks(cfg)
     loggers = instantiate_loggers(cfg)
+    callbacks = instantiate_callbacks(cfg, has_logger=bool(loggers))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
