@@ -8,7 +8,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from lightning_modules.help import register_help_resolver
+from jobs.help import register_help_resolver
 
 log = logging.getLogger("explain")
 register_help_resolver()  # --help: this entry point's groups and keys (conf/hydra/default.yaml)
@@ -16,8 +16,8 @@ register_help_resolver()  # --help: this entry point's groups and keys (conf/hyd
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="explain")
 def main(cfg: DictConfig) -> None:
-    from lightning_modules.explain_job import explain
-    from lightning_modules.cli import run_job
+    from jobs.explain import explain
+    from jobs.cli import run_job
 
     result = run_job(explain, cfg, log)
     if result["failures"]:

@@ -7,7 +7,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from lightning_modules.help import register_help_resolver
+from jobs.help import register_help_resolver
 
 log = logging.getLogger("study")
 register_help_resolver()  # --help: this entry point's groups and keys (conf/hydra/default.yaml)
@@ -15,8 +15,8 @@ register_help_resolver()  # --help: this entry point's groups and keys (conf/hyd
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="study")
 def main(cfg: DictConfig) -> None:
-    from lightning_modules.study_job import run_study
-    from lightning_modules.cli import run_job
+    from jobs.study import run_study
+    from jobs.cli import run_job
 
     run_job(run_study, cfg, log)
 

@@ -7,7 +7,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from lightning_modules.help import register_help_resolver
+from jobs.help import register_help_resolver
 
 log = logging.getLogger("train")
 register_help_resolver()  # --help: this entry point's groups and keys (conf/hydra/default.yaml)
@@ -15,8 +15,8 @@ register_help_resolver()  # --help: this entry point's groups and keys (conf/hyd
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from lightning_modules.run import train
-    from lightning_modules.cli import run_job
+    from jobs.train import train
+    from jobs.cli import run_job
 
     metrics = run_job(train, cfg, log)
     return metrics.get(cfg.get("optimized_metric", "val/acc"))

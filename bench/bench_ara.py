@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_ara.py [--images 32] [--steps 450] [--ckpt ../shared/reference-checkpoints/resnet44-robust.pt]
 
 The yardstick is a straightforward fp32 eager implementation of the algorithm kept in this file;
-the project's paths are robustx.ara.minimal_perturbation in fp32, with bf16 autocast, and with
+the project's paths are robustx.robustness.ara.minimal_perturbation in fp32, with bf16 autocast, and with
 bf16 + channels_last, each also with ``compile=True`` (torch.compile; its compilation, timed by a
 2-step warm-up call on the same batch, is reported in its own column and not in the search's
 seconds), bf16 rows also with 10 fp32 bisection steps ("refine 10") that move each found
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from robustx.ara import PROTOCOLS, ara_exact, minimal_perturbation, passes_criterion
+from robustx.robustness.ara import PROTOCOLS, ara_exact, minimal_perturbation, passes_criterion
 from robustx.models import resnet44
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def yardstick(model, x, y, *, mode, steps, eps, momentum):
 
 def load(args):
     if args.ckpt and Path(args.ckpt).is_file():
-        from robustx.legacy import import_reference_checkpoint
+        from robustx.io.legacy import import_reference_checkpoint
 
         model, _ = import_reference_checkpoint(args.ckpt)
     else:

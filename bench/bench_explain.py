@@ -1,4 +1,4 @@
-"""Speed of adversarial explanations (robustx.explanations) on resnet44, against a plain fp32 loop.
+"""Speed of adversarial explanations (robustx.explain.adversarial) on resnet44, against a plain fp32 loop.
 
     .venv/bin/python bench/bench_explain.py [--repeats 5] [--threads N] [--ckpt ../shared/reference-checkpoints/resnet44-robust.pt]
 
@@ -14,7 +14,7 @@ the target, input gradient, L2 rule - follow -grad while RMSE < rho else pull ba
 * ``yardstick batched``: all (image, target) pairs in one batch;
 * ``yardstick per pair``: the same loop run for one (image, target) pair at a time.
 
-Project paths: ``robustx.explanations.adversarial_explanations`` with fp32 / bf16 autocast, each
+Project paths: ``robustx.explain.adversarial.adversarial_explanations`` with fp32 / bf16 autocast, each
 with and without channels_last, and with ``compile=True`` (torch.compile; its first call, which
 compiles, is reported in its own column). They run the model only on the pairs that follow the
 gradient in a step (the default, ``skip_unused_gradients``: a pair pulled back along -delta needs
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from robustx.explanations import adversarial_explanations  # noqa: E402
+from robustx.explain.adversarial import adversarial_explanations  # noqa: E402
 from robustx.models import resnet44  # noqa: E402
 
 
@@ -91,7 +91,7 @@ def yardstick_targets(model, x, y, spec: str) -> torch.Tensor:
 def load(args):
     ckpt = Path(args.ckpt) if args.ckpt else None
     if ckpt is not None and ckpt.is_file():
-        from robustx.legacy import import_reference_checkpoint
+        from robustx.io.legacy import import_reference_checkpoint
 
         model, _ = import_reference_checkpoint(ckpt)
         name = ckpt.name

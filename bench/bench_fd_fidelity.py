@@ -4,7 +4,7 @@
 
 For each model (resnet44: the authors' robust network in train mode on CIFAR-10 JPEG test images
 when ../shared is there; small_cnn: the demo's HHReLU network, random init, on Fashion-MNIST-sized
-random images), the exact parameter gradient of the penalty (robustx.penalty.input_gradient_penalty,
+random images), the exact parameter gradient of the penalty (robustx.training.penalty.input_gradient_penalty,
 fp32, double backprop) against finite_difference_penalty's surrogate gradient for several probe
 sizes h, in fp32 and under bf16 autocast (with channels_last for resnet44): cosine similarity and
 norm ratio. Same output selection (same generator seed) for every row.
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from robustx.models import SmallCNN, resnet44  # noqa: E402
-from robustx.penalty import finite_difference_penalty, input_gradient_penalty  # noqa: E402
+from robustx.training.penalty import finite_difference_penalty, input_gradient_penalty  # noqa: E402
 
 
 def load(name: str, n: int):
@@ -32,7 +32,7 @@ def load(name: str, n: int):
         ckpt = ROOT.parent / "shared" / "reference-checkpoints" / "resnet44-robust.pt"
         tar = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg"
         if ckpt.is_file():
-            from robustx.legacy import import_reference_checkpoint
+            from robustx.io.legacy import import_reference_checkpoint
 
             model, _ = import_reference_checkpoint(ckpt)
             what = "resnet44-robust.pt"

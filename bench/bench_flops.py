@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from robustx.models import SmallCNN, resnet44
-from robustx.training import MethodConfig, training_loss
+from robustx.training.loss import MethodConfig, training_loss
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 METHODS = ["standard", "pgd", "trades", "adv_l2", "robust", "all"]

@@ -8,7 +8,7 @@ psi), all (robust + L2,min adversarial training + half-and-half), and all with
 adversarial.attack_subset=true (attack only the half that gets perturbed), each in fp32, in
 bf16-mixed autocast (trainer.precision=bf16-mixed) and in bf16-mixed with channels_last
 (channels_last=true). "(fused)" rows set method.penalty_impl=double_backprop_fused (the same
-gradient through robustx.double_backprop's kernels; the first steps compile, which the two
+gradient through robustx.training.double_backprop's kernels; the first steps compile, which the two
 warm-up steps absorb); "compiled attack" rows set method.adversarial.compile=true. Prints a markdown table; --json writes the numbers.
 """
 
@@ -24,7 +24,7 @@ from contextlib import nullcontext
 import torch
 
 from robustx.models import SmallCNN, resnet44
-from robustx.training import MethodConfig, training_loss
+from robustx.training.loss import MethodConfig, training_loss
 
 def _paper(penalty_impl: str = "double_backprop", attack: dict | None = None) -> dict:
     """The paper's robust method (penalty + HHReLU + adaptive psi); with ``attack`` (options added to

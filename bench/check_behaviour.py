@@ -84,10 +84,10 @@ def compute(work: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     numbers["eval"] = _numbers(json.loads(res.read_text()))
 
     # 2. AEs of a fixed image on the same network.
-    import_ref = _attr([("robustx.io.legacy", "import_reference_checkpoint"), ("robustx.legacy", "import_reference_checkpoint")])
-    load_image = _attr([("robustx.io.image_io", "load_image"), ("robustx.image_io", "load_image")])
+    import_ref = _attr([("robustx.io.legacy", "import_reference_checkpoint"), ("robustx.io.legacy", "import_reference_checkpoint")])
+    load_image = _attr([("robustx.io.image_io", "load_image"), ("robustx.io.images", "load_image")])
     aes = _attr([("robustx.explain.adversarial", "adversarial_explanations"),
-                 ("robustx.explanations", "adversarial_explanations")])
+                 ("robustx.explain.adversarial", "adversarial_explanations")])
     model, _ = import_ref(CKPT)
     x = load_image(ROOT / "examples" / "images" / "cat.jpg", channels=3, size=32)[None]  # (1, 3, 32, 32)
     res_ae = aes(model, x, targets="all")
@@ -108,7 +108,7 @@ def compute(work: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
     for k, v in load_file(str(tr / "model.safetensors")).items():
         tensors[f"export.{k}"] = v.contiguous()
-    load_model = _attr([("robustx.io.export", "load_model"), ("robustx.export", "load_model")])
+    load_model = _attr([("robustx.io.export", "load_model"), ("robustx.io.export", "load_model")])
     net, _ = load_model(tr / "model.safetensors")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -3,7 +3,7 @@
 # finite-difference option (fp32 and bf16-mixed), then measure each with the same ARA evaluation
 # (final callback pass: 200 validation images, 100 steps, eps 5, momentum 0.9); the last run adds
 # channels_last, the fastest robust path of bench/bench_train_step.py; the double_backprop_fused runs
-# train with the same exact gradient through robustx.double_backprop's kernels.
+# train with the same exact gradient through robustx.training.double_backprop's kernels.
 # Usage: bash bench/compare_penalty_impl.sh [OUT]   (runs already in OUT are kept; delete OUT to redo them)
 set -euo pipefail
 cd "$(dirname "$0")/.."

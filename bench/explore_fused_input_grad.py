@@ -40,7 +40,7 @@ from robustx.compiled import compiled_forward, frozen_parameters  # noqa: E402
 
 def load(ckpt: str | None):
     if ckpt:
-        from robustx.legacy import import_reference_checkpoint
+        from robustx.io.legacy import import_reference_checkpoint
 
         model, _ = import_reference_checkpoint(ckpt)
     else:

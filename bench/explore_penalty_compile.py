@@ -3,7 +3,7 @@
     .venv/bin/python bench/explore_penalty_compile.py [--batch 128] [--repeats 5]
 
 torch.compile cannot differentiate a compiled graph twice, so the eager double backprop of
-robustx.penalty cannot be compiled as it is. This script writes the input gradient with
+robustx.training.penalty cannot be compiled as it is. This script writes the input gradient with
 ``torch.func.grad`` instead, which dynamo traces into the forward graph; AOTAutograd then
 derives the (double) backward of that graph and inductor fuses BatchNorm's and the half-Huber
 ReLU's element-wise work. BatchNorm uses batch statistics but does not update its running
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustx.models import resnet44
-from robustx.penalty import _apply_selection, _selection
+from robustx.training.penalty import _apply_selection, _selection
 
 PSI = 220.0
 

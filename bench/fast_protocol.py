@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from robustx.ara import ara_exact, minimal_perturbation, passes_criterion
+from robustx.robustness.ara import ara_exact, minimal_perturbation, passes_criterion
 from robustx.attacks import rmse
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def main():
     ap.add_argument("--bf16", action="store_true")
     args = ap.parse_args()
     from datamodules import CIFAR10DataModule
-    from robustx.legacy import import_reference_checkpoint
+    from robustx.io.legacy import import_reference_checkpoint
 
     ref = json.loads((ROOT / "results" / "reference_ara_paper_200" / f"resnet44-{args.net}.json").read_text())
     model, _ = import_reference_checkpoint(ROOT.parent / "shared" / "reference-checkpoints" / f"resnet44-{args.net}.pt")

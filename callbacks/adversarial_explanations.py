@@ -26,7 +26,7 @@ class AdversarialExplanations(pl.Callback):
     the last periodic call already covered that step) with, per image, ``input | AE toward
     each target`` captioned ``AE -> class`` over ``p p_before -> p_after`` and a row of
     baseline maps for the true class with a colour bar (see
-    :func:`robustx.figures.explanation_grid`). ``all`` adds only the classes the other targets
+    :func:`robustx.explain.figures.explanation_grid`). ``all`` adds only the classes the other targets
     do not name, so ``[true, second, all]`` shows each class once. With a WandbLogger the grid is
     logged as a ``wandb.Image`` under ``explanations/grid``; every logger gets the call's cost
     as ``explanations/seconds``, which is also logged as a line. Only global rank 0 works
@@ -40,7 +40,7 @@ class AdversarialExplanations(pl.Callback):
         rho: RMSE budget of the AEs (paper: 0.1).
         steps: engine steps (paper: 35).
         overshoot: engine path length in units of rho (paper: 5).
-        baselines: attribution methods for the second row (``[]``: none); see robustx.attribution.METHODS.
+        baselines: attribution methods for the second row (``[]``: none); see robustx.explain.attribution.METHODS.
         bf16: run the AE engine under bf16 autocast.
         compile: run the engine's passes through torch.compile (compiled on the first call,
             reused by later ones as the weights change).
@@ -68,7 +68,7 @@ class AdversarialExplanations(pl.Callback):
         dpi: int = 100,
     ) -> None:
         super().__init__()
-        from robustx.attribution import METHODS
+        from robustx.explain.attribution import METHODS
 
         if every_n_epochs < 0:
             raise ValueError(f"AdversarialExplanations: every_n_epochs must be >= 0 (0: only at the end), got {every_n_epochs}.")
@@ -142,9 +142,9 @@ class AdversarialExplanations(pl.Callback):
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, tag: str) -> None:
         if not trainer.is_global_zero:
             return
-        from robustx.attribution import attribution_maps
-        from robustx.explanations import adversarial_explanations
-        from robustx.figures import explanation_grid, save_png
+        from robustx.explain.attribution import attribution_maps
+        from robustx.explain.adversarial import adversarial_explanations
+        from robustx.explain.figures import explanation_grid, save_png
 
         start = time.time()
         self._last_step = trainer.global_step

@@ -11,8 +11,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from robustx.ara import ara_curve, evaluate_batch
-from robustx.ara_metric import ARAMetric
+from robustx.robustness.ara import ara_curve, evaluate_batch
+from robustx.robustness.metric import ARAMetric
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ class ARAEvaluation(pl.Callback):
     Every ``every_n_epochs`` epochs it runs the minimal-perturbation search with cheap settings
     on ``num_images`` images; at the end of training it runs ``final`` settings (the paper's
     protocol by default) on ``final_num_images``. Images are sharded across DDP ranks and the
-    r_i gathered by :class:`robustx.ara_metric.ARAMetric`. Seconds per call are logged
+    r_i gathered by :class:`robustx.robustness.metric.ARAMetric`. Seconds per call are logged
     (``val/ara_seconds``) and printed in the log.
 
     Args:

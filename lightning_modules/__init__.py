@@ -4,9 +4,9 @@ __all__ = ["RobustClassifier"]
 
 
 def __getattr__(name: str):
-    # Lazy, so that an entry point's --help (lightning_modules.help) does not import Lightning.
+    # Lazy, so that an entry point's --help (jobs.help) does not import Lightning.
     if name == "RobustClassifier":
-        from .robust_classifier import RobustClassifier
+        from lightning_modules.robust_classifier import RobustClassifier
 
         return RobustClassifier
     raise AttributeError(name)

@@ -1,4 +1,4 @@
-"""RobustClassifier: a classifier trained with any method of :mod:`robustx.training`."""
+"""RobustClassifier: a classifier trained with any method of :mod:`robustx.training.loss`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from robustx.models import build_model
-from robustx.training import MethodConfig, training_loss
+from robustx.training.loss import MethodConfig, training_loss
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class RobustClassifier(pl.LightningModule):
     Args:
         model: ``{"_target_": "robustx.models.<Model>", **kwargs}``; built through the allowlist
             of :func:`robustx.models.build_model`, so exported configs stay data, not code.
-        method: :class:`robustx.training.MethodConfig` fields (penalty, psi, adversarial).
+        method: :class:`robustx.training.loss.MethodConfig` fields (penalty, psi, adversarial).
         optim: SGD settings; ``milestones`` are fractions of the total number of steps.
         channels_last: store activations NHWC (faster convolutions on CPU with bf16).
     """

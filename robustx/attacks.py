@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .penalty import at_least_fp32, draw_device
+from robustx.training.penalty import at_least_fp32, draw_device
 
 __all__ = [
     "rmse",

@@ -12,7 +12,7 @@ project's 2-core CPU, bf16 autocast + channels_last + either makes resnet44's fo
 gradient about 2-2.5x faster than the eager fp32 loop (bench/bench_explain.py,
 bench/bench_ara.py, BENCHMARKS.md). Training uses :func:`compiled_forward` for its attack when
 ``method.adversarial.compile`` is set; the penalty's double backprop cannot run through compiled
-graphs (robustx.double_backprop compiles its second-order kernels instead).
+graphs (robustx.training.double_backprop compiles its second-order kernels instead).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attacks import ce_input_grad, engine_update
-from .penalty import at_least_fp32
+from robustx.attacks import ce_input_grad, engine_update
+from robustx.training.penalty import at_least_fp32
 
 __all__ = ["compiled_forward", "compiled_input_grad", "compiled_engine_step", "frozen_parameters"]
 

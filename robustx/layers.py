@@ -34,7 +34,7 @@ def hhrelu_second_order(x: torch.Tensor, grad_out: torch.Tensor, gg: torch.Tenso
 
 
 #: The half-Huber ReLU's three kernels (value, gradient, second-order step), in the order
-#: :class:`HalfHuberReLU` keeps them; robustx.double_backprop swaps in compiled versions.
+#: :class:`HalfHuberReLU` keeps them; robustx.training.double_backprop swaps in compiled versions.
 HHRELU_KERNELS = (hhrelu_value, hhrelu_grad, hhrelu_second_order)
 
 
@@ -90,7 +90,7 @@ class HalfHuberReLU(nn.Module):
     """Module form of :func:`half_huber_relu`; ``d`` is a buffer as in the authors' networks.
 
     ``kernels`` compute its value, gradient and second-order step (:data:`HHRELU_KERNELS`, or
-    compiled versions set by :func:`robustx.double_backprop.use_fused_double_backprop`).
+    compiled versions set by :func:`robustx.training.double_backprop.use_fused_double_backprop`).
     """
 
     kernels: tuple[Callable, ...] = HHRELU_KERNELS

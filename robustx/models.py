@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .layers import make_activation, swap_activations
+from robustx.layers import make_activation, swap_activations
 
 __all__ = [
     "PreActResNet",

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from robustx.models import SmallCNN  # noqa: E402
-from robustx.training import MethodConfig, training_loss  # noqa: E402
+from robustx.training.loss import MethodConfig, training_loss  # noqa: E402
 
 
 def grads(impl: str, device: torch.device, mode: str) -> tuple[dict[str, torch.Tensor], float]:

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from robustx.adaptive import AdaptivePsi, integrator_step
+from robustx.training.adaptive import AdaptivePsi, integrator_step
 
 
 def test_controller_sequence_matches_hand_computation():

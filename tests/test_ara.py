@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustx.ara import (
+from robustx.robustness.ara import (
     ara_binned,
     ara_bootstrap_ci,
     ara_curve,
@@ -19,7 +19,7 @@ from robustx.ara import (
     passes_criterion,
     robust_accuracy_at,
 )
-from robustx.ara_metric import ARAMetric
+from robustx.robustness.metric import ARAMetric
 from robustx.models import SmallCNN
 
 
@@ -93,7 +93,7 @@ def test_paper_attack_never_beats_the_true_minimum_on_multiclass_linear_model():
 
 
 def test_fast_protocol_refinement_is_tight_and_only_shrinks_r():
-    from robustx.ara import PROTOCOLS
+    from robustx.robustness.ara import PROTOCOLS
 
     fast = PROTOCOLS["fast"]
     for c in (2, 10):
@@ -274,7 +274,7 @@ def test_compile_unavailable_falls_back_to_eager_with_one_warning(monkeypatch, c
 
 def test_repair_stretches_to_just_past_the_fp32_boundary():
     """_repair: grid then bisection -> the smallest failing scale within 1/16 of its grid interval; others keep 1."""
-    from robustx.ara import _REPAIR_BISECT, _repair
+    from robustx.robustness.ara import _REPAIR_BISECT, _repair
 
     class Sum(nn.Module):  # logits (0, sum(x) - 1): class 0 until the pixel sum passes 1
         def forward(self, x):

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from robustx.attacks import ce_input_grad, engine_attack, engine_update, pgd_l2, rmse, step_sizes, trades_adversary
-from robustx.training import AdversarialConfig, MethodConfig, make_adversarial, training_loss
+from robustx.training.loss import AdversarialConfig, MethodConfig, make_adversarial, training_loss
 
 
 def _linear(d=12, c=3, seed=0):

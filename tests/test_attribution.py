@@ -1,12 +1,12 @@
-"""Attribution baselines (robustx.attribution): shapes, non-negativity, layer choice, LIME."""
+"""Attribution baselines (robustx.explain.attribution): shapes, non-negativity, layer choice, LIME."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustx.attribution import METHODS, attribution_maps, find_gradcam_layer, slic_feature_mask
-from robustx.explanations import adversarial_explanations
+from robustx.explain.attribution import METHODS, attribution_maps, find_gradcam_layer, slic_feature_mask
+from robustx.explain.adversarial import adversarial_explanations
 from robustx.models import PreActResNet, SmallCNN
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -155,7 +155,7 @@ def test_slic_mask_is_contiguous_for_rgb_gray_and_noise():
 def test_lime_surrogate_lives_on_the_images_device():
     # captum builds the surrogate's linear layer on the CPU and moves only LIME's samples to a
     # `device`; ours follows the images (a CUDA run failed with a device mismatch before).
-    from robustx.attribution import _lime_model
+    from robustx.explain.attribution import _lime_model
 
     m = _lime_model(4, torch.device("meta"))
     m._construct_model_params(in_features=4, out_features=1)

@@ -17,13 +17,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from robustx.training import MethodConfig
+from robustx.training.loss import MethodConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 FMNIST = ROOT.parent / "shared" / "datasets" / "fashion-mnist"
-sys.path.insert(0, str(ROOT / "scripts"))
-import summarize_runs  # noqa: E402
+from jobs import summarize_runs  # noqa: E402
 
 
 def _compose(overrides):

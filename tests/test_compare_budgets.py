@@ -1,4 +1,4 @@
-"""scripts/compare_budgets.py: runs matched across budgets by settings, rank agreement, target check."""
+"""jobs/compare_budgets.py (scripts/compare_budgets.py): runs matched across budgets by settings, rank agreement, target check."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import compare_budgets  # noqa: E402
+from jobs import compare_budgets
 
 
 def _row(family: str, acc: float, btr: float, ens: float, **method) -> dict:

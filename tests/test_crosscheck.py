@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustx.crosscheck import ensemble_r, independent_minimal_perturbation, masking_report
+from robustx.robustness.crosscheck import ensemble_r, independent_minimal_perturbation, masking_report
 
 
 def _linear_case(seed=0, n=40, scale=20.0):

@@ -18,13 +18,13 @@ import pytest
 import torch
 from torch import nn
 
-from robustx.adaptive import AdaptivePsi
-from robustx.ara import minimal_perturbation, summarize
+from robustx.training.adaptive import AdaptivePsi
+from robustx.robustness.ara import minimal_perturbation, summarize
 from robustx.attacks import engine_attack, pgd_l2, trades_adversary
-from robustx.explanations import adversarial_explanations
+from robustx.explain.adversarial import adversarial_explanations
 from robustx.models import SmallCNN, resnet44
-from robustx.penalty import finite_difference_penalty, input_gradient_penalty
-from robustx.training import MethodConfig, training_loss
+from robustx.training.penalty import finite_difference_penalty, input_gradient_penalty
+from robustx.training.loss import MethodConfig, training_loss
 
 _DEVICE = os.environ.get("ROBUSTX_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(
@@ -219,7 +219,7 @@ def test_training_loss_on_cuda(name):
 
 @pytest.mark.parametrize("method", ["ae", "gradcam", "integrated_gradients", "saliency", "smoothgrad"])
 def test_attribution_maps_match_cpu(method):
-    from robustx.attribution import attribution_maps
+    from robustx.explain.attribution import attribution_maps
 
     cpu, gpu = _cnn()
     x, _ = _batch(2)
@@ -236,7 +236,7 @@ def test_attribution_maps_match_cpu(method):
 
 
 def test_lime_runs_on_cuda():
-    from robustx.attribution import attribution_maps
+    from robustx.explain.attribution import attribution_maps
 
     _, gpu = _cnn()
     x, _ = _batch(1)

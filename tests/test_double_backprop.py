@@ -1,4 +1,4 @@
-"""Fused second-order kernels (robustx.double_backprop): the same gradients as autograd's own."""
+"""Fused second-order kernels (robustx.training.double_backprop): the same gradients as autograd's own."""
 
 import copy
 import pickle
@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from robustx.double_backprop import FusedBatchNorm2d, FusedConv2d, _Kernel, bn_double_backward, use_fused_double_backprop
+from robustx.training.double_backprop import FusedBatchNorm2d, FusedConv2d, _Kernel, bn_double_backward, use_fused_double_backprop
 from robustx.layers import HalfHuberReLU
 from robustx.models import PreActResNet, SmallCNN
-from robustx.training import MethodConfig, training_loss
+from robustx.training.loss import MethodConfig, training_loss
 
 
 def _penalty_grads(layer: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -166,7 +166,7 @@ def test_conv_under_autocast_is_natives_arithmetic():
 
 def test_compiled_attack_in_train_mode_matches_eager():
     """method.adversarial.compile: the same L2,min attack (train-mode BatchNorm), parameters restored."""
-    from robustx.training import AdversarialConfig, make_adversarial
+    from robustx.training.loss import AdversarialConfig, make_adversarial
 
     torch.manual_seed(8)
     model = SmallCNN(activation="hhrelu").train()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustx.export import save_model
+from robustx.io.export import save_model
 from robustx.models import SmallCNN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_eval_json_png_resume_and_several_checkpoints(tmp_path):
 @pytest.mark.slow
 def test_auto_fast_path_resolves_per_device_and_agrees_with_fp32(tmp_path):
     """ara.bf16/channels_last/compile=auto: the fast path where bf16 is native; settings record it."""
-    from lightning_modules.evaluate import native_bf16
+    from jobs.evaluate import native_bf16
 
     a = _export(tmp_path / "a.safetensors", 0)
     auto = [o for o in CHEAP if not o.startswith(("ara.bf16", "ara.channels_last", "ara.compile"))]
@@ -184,7 +184,7 @@ def test_eval_torchrun_two_ranks_equals_one_process(tmp_path):
 def test_curve_titles_name_the_protocol_and_labels_the_output_names(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
-    from lightning_modules.evaluate import plot_curves
+    from jobs.evaluate import plot_curves
 
     figs = []
     monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))

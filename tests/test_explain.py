@@ -1,4 +1,4 @@
-"""explain.py end to end (tiny exported models, image files of other sizes and modes), robustx.image_io and robustx.figures."""
+"""explain.py end to end (tiny exported models, image files of other sizes and modes), robustx.io.images and robustx.explain.figures."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from robustx.export import save_model
+from robustx.io.export import save_model
 from robustx.models import SmallCNN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,11 +168,11 @@ def test_explain_user_errors_exit_2(tmp_path, monkeypatch, capsys, override, mes
     assert lines and all(message in ln for ln in lines), lines
 
 
-# -- robustx.image_io ------------------------------------------------------------------------
+# -- robustx.io.images ------------------------------------------------------------------------
 
 
 def test_image_io_modes_sizes_and_failures(tmp_path, caplog):
-    from robustx.image_io import ImageLoadError, load_image, load_images
+    from robustx.io.images import ImageLoadError, load_image, load_images
 
     rng = np.random.default_rng(1)
     paths = {
@@ -205,9 +205,9 @@ def test_image_io_modes_sizes_and_failures(tmp_path, caplog):
     Image.fromarray(a16).save(tmp_path / "g16.png")
     assert torch.allclose(load_image(tmp_path / "g16.png", channels=1, size=2)[0], torch.from_numpy(a16 / 65535.0).float())
     # one log line per image, saying what was done
-    caplog.set_level("INFO", logger="robustx.image_io")
+    caplog.set_level("INFO", logger="robustx.io.images")
     load_image(paths["rgb"], channels=1, size=16)
-    (rec,) = [r for r in caplog.records if r.name == "robustx.image_io"]
+    (rec,) = [r for r in caplog.records if r.name == "robustx.io.images"]
     assert "rgb.png: 60x30 RGB, RGB->gray, resized 60x30->32x16, center-cropped to 16x16" in rec.getMessage()
 
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
@@ -229,12 +229,12 @@ def test_image_io_modes_sizes_and_failures(tmp_path, caplog):
     assert empty.images.shape == (0, 1, 8, 8) and len(empty.failures) == 1
 
 
-# -- robustx.figures -------------------------------------------------------------------------
+# -- robustx.explain.figures -------------------------------------------------------------------------
 
 
 def _colorbars(fig) -> list:
     """Colour-bar axes of a figure (inset ones included), found by their label."""
-    from robustx.figures import MAP_COLORBAR_LABEL
+    from robustx.explain.figures import MAP_COLORBAR_LABEL
 
     axes = [a for ax in fig.axes for a in (ax, *ax.child_axes)]
     return [a for a in axes if MAP_COLORBAR_LABEL in (a.get_xlabel(), a.get_ylabel())]
@@ -243,8 +243,8 @@ def _colorbars(fig) -> list:
 def test_explanation_grid_is_pure_and_written_atomically(tmp_path):
     import matplotlib.pyplot as plt
 
-    from robustx.explanations import resolve_target_columns
-    from robustx.figures import explanation_grid, save_png
+    from robustx.explain.adversarial import resolve_target_columns
+    from robustx.explain.figures import explanation_grid, save_png
 
     b, k = 2, 4
     g = torch.Generator().manual_seed(0)
@@ -289,8 +289,8 @@ def test_explanation_grid_is_pure_and_written_atomically(tmp_path):
 
 def test_explain_default_targets_each_class_once_captioned_with_colorbar(tmp_path, monkeypatch):
     """targets=[true, second, all]: one AE per class (engine rows), JSON rows and captions name every class once."""
-    import robustx.explanations as ex
-    import robustx.figures as figures
+    import robustx.explain.adversarial as ex
+    import robustx.explain.figures as figures
 
     rows, figs = [], []
     engine, grid = ex.engine_attack, figures.explanation_grid
@@ -316,7 +316,7 @@ def test_explain_default_targets_each_class_once_captioned_with_colorbar(tmp_pat
 
 
 def test_invalidation_grid_has_a_colorbar_per_row(tmp_path, monkeypatch):
-    import robustx.study_figures as sf
+    import robustx.explain.study_figures as sf
 
     figs = []
     save = sf.save_figure

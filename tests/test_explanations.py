@@ -1,11 +1,11 @@
-"""Adversarial explanations (robustx.explanations): budget, targets, shapes, errors, precision."""
+"""Adversarial explanations (robustx.explain.adversarial): budget, targets, shapes, errors, precision."""
 
 import pytest
 import torch
 from torch import nn
 
 from robustx.attacks import engine_attack, rmse
-from robustx.explanations import AEResult, adversarial_explanations, resolve_target_columns, resolve_targets
+from robustx.explain.adversarial import AEResult, adversarial_explanations, resolve_target_columns, resolve_targets
 from robustx.models import PreActResNet, SmallCNN
 
 NAMES = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -106,7 +106,7 @@ def test_all_skips_listed_gives_each_class_once_with_kinds():
 
 def test_all_skips_listed_same_aes_each_class_computed_once(trained, monkeypatch):
     """[true, second, all] with all_skips_listed: K = C, one engine row per (image, class), the plain call's AEs."""
-    import robustx.explanations as ex
+    import robustx.explain.adversarial as ex
 
     model, x, y = trained
     rows = []
@@ -239,7 +239,7 @@ def test_chunked_equals_unchunked(trained):
 
 def test_duplicate_pairs_computed_once_and_equal(trained, monkeypatch):
     """"true" is also among "all": the pair is explained once and reported in both columns."""
-    import robustx.explanations as ex
+    import robustx.explain.adversarial as ex
 
     model, x, y = trained
     rows = []

@@ -6,8 +6,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from robustx import export
-from robustx.export import ExportError, load_model, read_metadata, save_model
+from robustx.io import export
+from robustx.io.export import ExportError, load_model, read_metadata, save_model
 from robustx.models import PreActResNet, SmallCNN
 
 

@@ -1,10 +1,10 @@
-"""Deletion / insertion AUC (robustx.faithfulness) on a linear model whose faithful map is known."""
+"""Deletion / insertion AUC (robustx.explain.faithfulness) on a linear model whose faithful map is known."""
 
 import pytest
 import torch
 from torch import nn
 
-from robustx.faithfulness import (
+from robustx.explain.faithfulness import (
     auc,
     baseline_images,
     deletion_auc,

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robustx.attribution import attribution_maps, find_gradcam_layer
-from robustx.invalidation import (
+from robustx.explain.attribution import attribution_maps, find_gradcam_layer
+from robustx.explain.invalidation import (
     differentiable_gradcam,
     energy_in_top,
     invalidation_study,

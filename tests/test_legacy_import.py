@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from robustx import legacy
-from robustx.export import load_model
+from robustx.io import legacy
+from robustx.io.export import load_model
 from robustx.layers import HalfHuberReLU
-from robustx.legacy import (
+from robustx.io.legacy import (
     LegacyCheckpointError,
     convert_reference_checkpoint,
     import_reference_checkpoint,

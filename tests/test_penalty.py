@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustx.penalty import input_gradient_penalty, select_outputs
+from robustx.training.penalty import input_gradient_penalty, select_outputs
 
 
 class Linear(nn.Module):
@@ -101,7 +101,7 @@ def _param_grad(loss, params):
 def test_finite_difference_gradient_matches_double_backprop(z):
     """The option's surrogate has (almost) the exact penalty gradient on a smooth (HHReLU) network, in float64."""
     from robustx.layers import HalfHuberReLU
-    from robustx.penalty import finite_difference_penalty
+    from robustx.training.penalty import finite_difference_penalty
 
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -121,7 +121,7 @@ def test_finite_difference_gradient_matches_double_backprop(z):
 
 def test_finite_difference_probe_leaves_batchnorm_statistics_alone():
     """Only the real forward updates running statistics, as with double backprop."""
-    from robustx.penalty import finite_difference_penalty
+    from robustx.training.penalty import finite_difference_penalty
 
     torch.manual_seed(0)
     make = lambda: nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3 * 16, 4)).train()  # noqa: E731
@@ -137,7 +137,7 @@ def test_finite_difference_probe_leaves_batchnorm_statistics_alone():
 
 
 def test_penalty_impl_options_are_validated():
-    from robustx.training import MethodConfig
+    from robustx.training.loss import MethodConfig
 
     with pytest.raises(ValueError, match="penalty_impl"):
         MethodConfig(penalty_impl="bogus")

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from lightning_modules import progress as progress_mod
-from lightning_modules.progress import WorkProgress, format_duration
+from jobs import progress as progress_mod
+from jobs.progress import WorkProgress, format_duration
 
 
 class Clock:

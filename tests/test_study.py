@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustx.export import save_model
+from robustx.io.export import save_model
 from robustx.models import SmallCNN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_study_user_error_exits_2_with_one_line(tmp_path):
 def test_study_settings_errors(override, message):
     from hydra import compose, initialize_config_dir
 
-    from lightning_modules.study_job import _settings
+    from jobs.study import _settings
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="study", overrides=["ckpt=x.pt", override])
@@ -142,7 +142,7 @@ def study_in_process(root: Path, out: Path, *overrides: str) -> list[dict]:
     """The study job in this process: cache under ``root/logs``, outputs in ``out``."""
     from hydra import compose, initialize_config_dir
 
-    from lightning_modules.study_job import run_study as job
+    from jobs.study import run_study as job
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="study", overrides=[*overrides, f"paths.root_dir={root}", f"paths.output_dir={out}"])
@@ -183,7 +183,7 @@ def _cache_dir(root: Path) -> Path:
 
 
 def test_partial_json_and_tables_after_the_first_batch_then_resume_matches_uninterrupted(reference, tmp_path, monkeypatch):
-    import lightning_modules.study_job as job
+    import jobs.study as job
 
     real, calls = job.invalidation_study, []
 
@@ -240,7 +240,7 @@ def test_corrupt_cache_files_are_ignored_with_a_warning(reference, tmp_path, cap
     (next(cache.glob("manipulation-*_00001.json"))).write_bytes(b"\x00\xff garbage")
     fig = cache / "figures_00000.safetensors"
     fig.write_bytes(fig.read_bytes()[:100])
-    caplog.set_level(logging.INFO, logger="lightning_modules.study_job")
+    caplog.set_level(logging.INFO, logger="jobs.study")
     (res,) = study_in_process(tmp_path, tmp_path / "out", f"ckpt={reference['ckpt']}", *TINY)
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "ignoring corrupt cache file" in r.getMessage()]
     assert len(warned) == 3, warned
@@ -270,7 +270,7 @@ def test_two_checkpoints_with_the_same_file_name_get_distinct_outputs(nets, tmp_
 
 
 def test_estimate_line_with_a_quick_look_hint_is_logged_before_most_of_the_work(nets, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="lightning_modules.study_job")
+    caplog.set_level(logging.INFO, logger="jobs.study")
     study_in_process(tmp_path, tmp_path / "out", f"ckpt={nets['b']}", *TINY, "progress.estimate_after=1e-6", "progress.long_seconds=0")
     msgs = [r.getMessage() for r in caplog.records]
     first_batch = next(i for i, m in enumerate(msgs) if "batch 1/3 done" in m)

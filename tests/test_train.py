@@ -55,7 +55,7 @@ def test_demo_smoke_with_wandb_offline(tmp_path):
     assert result["method"]["name"] == "robust" and result["psi"] >= 220.0
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert list((run / "wandb").glob("offline-run-*"))
-    from robustx.export import load_model
+    from robustx.io.export import load_model
 
     model, meta = load_model(run / "model.safetensors")
     assert meta["model_config"]["activation"] == "hhrelu"

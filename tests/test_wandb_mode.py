@@ -1,6 +1,6 @@
 import logging
 
-from lightning_modules import run
+from jobs import train as run
 
 
 def test_offline_without_key(monkeypatch, caplog, tmp_path):

@@ -62,8 +62,8 @@ def evaluate_run(cfg: DictConfig, output_dir: Path, result: dict[str, Any]) -> d
         output_dir: the run folder (holds ``model.safetensors`` and ``timing.json``).
         result: what the run wrote to ``metrics.json``.
     """
-    from lightning_modules.evaluate import _cache_key, _settings, _versions, evaluate_checkpoint
-    from robustx.ara import robust_accuracy_at
+    from jobs.evaluate import _cache_key, _settings, _versions, evaluate_checkpoint
+    from robustx.robustness.ara import robust_accuracy_at
 
     b = cfg.bench
     model_path = output_dir / "model.safetensors"

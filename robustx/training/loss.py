@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adaptive import AdaptivePsi
-from .attacks import engine_attack, half_and_half_mask, pgd_l2, trades_adversary
-from .compiled import compiled_forward, frozen_parameters
-from .double_backprop import use_fused_double_backprop
-from .penalty import PENALTY_IMPLS, at_least_fp32, finite_difference_penalty, input_gradient_penalty
+from robustx.training.adaptive import AdaptivePsi
+from robustx.attacks import engine_attack, half_and_half_mask, pgd_l2, trades_adversary
+from robustx.compiled import compiled_forward, frozen_parameters
+from robustx.training.double_backprop import use_fused_double_backprop
+from robustx.training.penalty import PENALTY_IMPLS, at_least_fp32, finite_difference_penalty, input_gradient_penalty
 
 __all__ = ["AdversarialConfig", "MethodConfig", "make_adversarial", "training_loss", "StepOutput"]
 

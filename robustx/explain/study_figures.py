@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 _METHOD_LABELS = {"ae": "AE", "gradcam": "Grad-CAM", "integrated_gradients": "IG", "saliency": "saliency",
                   "smoothgrad": "SmoothGrad", "lime": "LIME"}
 
-#: What a map panel's colour means: each map is divided by its own maximum (as in robustx.figures).
+#: What a map panel's colour means: each map is divided by its own maximum (as in robustx.explain.figures).
 MAP_COLORBAR_LABEL = "map / max (per image)"
 
 
@@ -125,7 +125,7 @@ def manipulation_plot(png: str | Path, rows_by_network: Mapping[str, Sequence[Ma
 
     Args:
         png: output path.
-        rows_by_network: {network: rows of :func:`robustx.invalidation.summarize_manipulation`}.
+        rows_by_network: {network: rows of :func:`robustx.explain.invalidation.summarize_manipulation`}.
         metric: similarity metric on the left panel.
     """
     import matplotlib

@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from .robust_classifier import RobustClassifier
+from lightning_modules.robust_classifier import RobustClassifier
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
 
     if trainer.is_global_zero:
         if cfg.get("export"):
-            from robustx.export import save_model
+            from robustx.io.export import save_model
 
             path = save_model(
                 module.model,
@@ -287,7 +287,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         log.info("Final metrics: %s", {k: float(f"{v:.4g}") for k, v in metrics.items()})
         if cfg.get("bench") and cfg.bench.get("evaluate"):
             # The benchmark protocol (conf/experiment/bench_*.yaml): bench.json in the run folder.
-            from .bench import evaluate_run, scalar_metrics
+            from jobs.bench import evaluate_run, scalar_metrics
 
             bench = scalar_metrics(evaluate_run(cfg, output_dir, result))
             for lg in loggers:

@@ -1,10 +1,10 @@
 """study.py's job: invalidation study, Grad-CAM manipulation and faithfulness of checkpoints on a fixed test subset.
 
-Per checkpoint, on the same fixed-seed test images: :func:`robustx.invalidation.invalidation_study`
+Per checkpoint, on the same fixed-seed test images: :func:`robustx.explain.invalidation.invalidation_study`
 (minimal perturbation, then every method's maps before and after), deletion/insertion AUC
-(:mod:`robustx.faithfulness`) of every method's clean map of the true class (the same maps the
-study computed) and :func:`robustx.invalidation.manipulation_attack`. Writes ``<name>.json``
-per checkpoint (names from :func:`~lightning_modules.loading.output_stems`: distinct even when
+(:mod:`robustx.explain.faithfulness`) of every method's clean map of the true class (the same maps the
+study computed) and :func:`robustx.explain.invalidation.manipulation_attack`. Writes ``<name>.json``
+per checkpoint (names from :func:`~jobs.loading.output_stems`: distinct even when
 two checkpoints share a file name), ``invalidation``, ``manipulation`` and ``faithfulness``
 tables (``.md`` and ``.csv``, networks side by side) and figures into the run directory.
 
@@ -12,7 +12,7 @@ The work runs in batches of ``study.batch_size`` images; after each batch the JS
 tables are rewritten (marked partial) and the batch's results are cached on disk (figure
 tensors as safetensors), so a killed study resumes where it stopped and ends with the same
 outputs as an uninterrupted one. Progress is counted in work (image-steps of the search,
-image-maps, ...) by :class:`~lightning_modules.progress.WorkProgress`, with an ETA and one
+image-maps, ...) by :class:`~jobs.progress.WorkProgress`, with an ETA and one
 logged estimate per kind of work.
 """
 
@@ -34,9 +34,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import robustx
-from robustx.attribution import METHODS
-from robustx.faithfulness import deletion_auc, insertion_auc, random_maps
-from robustx.invalidation import (
+from robustx.explain.attribution import METHODS
+from robustx.explain.faithfulness import deletion_auc, insertion_auc, random_maps
+from robustx.explain.invalidation import (
     INVALIDATION_METRICS,
     MANIPULATION_METRICS,
     invalidation_study,
@@ -46,8 +46,8 @@ from robustx.invalidation import (
     summarize_values,
 )
 
-from .loading import checkpoint_paths, load_classifier, output_stems
-from .progress import WorkProgress, format_duration
+from jobs.loading import checkpoint_paths, load_classifier, output_stems
+from jobs.progress import WorkProgress, format_duration
 
 log = logging.getLogger(__name__)
 
@@ -318,10 +318,10 @@ def study_checkpoint(path: Path, x: torch.Tensor, y: torch.Tensor, ids: list[int
         s: :func:`_settings`.
         name: output name (default: the file's stem).
         cache_dir: folder of this checkpoint's cached batches (None: no cache).
-        progress: the study's :class:`~lightning_modules.progress.WorkProgress` (kinds of :func:`_work_per_image`).
+        progress: the study's :class:`~jobs.progress.WorkProgress` (kinds of :func:`_work_per_image`).
         publish: called with the partial result after each computed batch.
     """
-    from robustx.study_figures import invalidation_grid
+    from robustx.explain.study_figures import invalidation_grid
 
     name = name or path.stem
     wall0 = time.time()
@@ -685,9 +685,9 @@ def run_study(cfg: DictConfig) -> list[dict[str, Any]]:
     (key: digest of the checkpoint's bytes, the settings and the data), so a rerun of a killed
     study skips what is done.
     """
-    from robustx.study_figures import manipulation_plot
+    from robustx.explain.study_figures import manipulation_plot
 
-    from .evaluate import _cache_key
+    from jobs.evaluate import _cache_key
 
     paths = checkpoint_paths(cfg.ckpt)
     names = output_stems(paths)

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from .attacks import rmse
+from robustx.attacks import rmse
 
 __all__ = ["ATTACKS", "independent_minimal_perturbation", "ensemble_r", "masking_report"]
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .explanations import adversarial_explanations
+from robustx.explain.adversarial import adversarial_explanations
 
 __all__ = ["METHODS", "find_gradcam_layer", "attribution_maps", "slic_feature_mask"]
 

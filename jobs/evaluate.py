@@ -17,9 +17,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import robustx
-from robustx.ara import PROTOCOLS, ara_curve, evaluate_batch, summarize
+from robustx.robustness.ara import PROTOCOLS, ara_curve, evaluate_batch, summarize
 
-from .loading import checkpoint_paths, load_classifier, output_stems
+from jobs.loading import checkpoint_paths, load_classifier, output_stems
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +151,9 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
     Progress is counted in image-steps (search steps and cross-check attack steps) with an ETA
     per stage, and a one-line estimate of the time left is logged once each stage has been timed.
     """
-    from robustx.crosscheck import ATTACKS, independent_minimal_perturbation
+    from robustx.robustness.crosscheck import ATTACKS, independent_minimal_perturbation
 
-    from .progress import WorkProgress
+    from jobs.progress import WorkProgress
 
     name = name or path.stem
     rank, world = _dist()
@@ -297,7 +297,7 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
                      "not_rechecked": not_rechecked, "r": r.tolist()}
     names = (cross_check or {}).get("attacks", [])
     if names and "attack" in settings["modes"]:
-        from robustx.crosscheck import ensemble_r, masking_report
+        from robustx.robustness.crosscheck import ensemble_r, masking_report
 
         r_paper = torch.tensor(cat("r_attack"), dtype=torch.float64)
         indep = {n: torch.tensor(cat(f"r_{n}"), dtype=torch.float64) for n in names}

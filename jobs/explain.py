@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .loading import load_classifier
+from jobs.loading import load_classifier
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def _target_item(item: Any) -> str | int:
 
 def settings(cfg: DictConfig) -> dict[str, Any]:
     """Check and collect the run's settings (user errors raise one-line ValueErrors)."""
-    from robustx.attribution import METHODS
+    from robustx.explain.attribution import METHODS
 
     rho, steps, overshoot = float(cfg.rho), int(cfg.steps), float(cfg.overshoot)
     if not rho > 0:
@@ -112,7 +112,7 @@ def default_class_names(num_classes: int, channels: int) -> list[str] | None:
 
 
 def _resolve_label(item: Any, num_classes: int, names: Sequence[str] | None) -> int | None:
-    from robustx.explanations import resolve_targets
+    from robustx.explain.adversarial import resolve_targets
 
     if item is None or (isinstance(item, str) and item.lower() in ("", "none", "null", "?")):
         return None
@@ -145,10 +145,10 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     processed. Settings errors (rho <= 0, unknown class names, missing checkpoint) raise
     one-line ValueError / FileNotFoundError before any work.
     """
-    from robustx.attribution import attribution_maps
-    from robustx.explanations import adversarial_explanations, resolve_targets
-    from robustx.figures import explanation_grid, save_png
-    from robustx.image_io import load_images
+    from robustx.explain.attribution import attribution_maps
+    from robustx.explain.adversarial import adversarial_explanations, resolve_targets
+    from robustx.explain.figures import explanation_grid, save_png
+    from robustx.io.images import load_images
 
     start = time.time()
     s = settings(cfg)

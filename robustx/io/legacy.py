@@ -9,7 +9,7 @@ before it can run, and the placeholder itself refuses to be called.
 
 Command line::
 
-    python -m robustx.legacy ../shared/reference-checkpoints/*.pt --out weights/
+    python -m robustx.io.legacy ../shared/reference-checkpoints/*.pt --out weights/
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .export import save_model
-from .models import ModelConfigError, build_model
+from robustx.io.export import save_model
+from robustx.models import ModelConfigError, build_model
 
 __all__ = [
     "LegacyCheckpointError",
@@ -166,7 +166,7 @@ def read_reference_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, t
     ):
         raise LegacyCheckpointError(
             f"'{path}' is not one of the authors' checkpoints: expected a dict with 'model_params' "
-            "and 'training_options'; use robustx.export.load_model for robustx files."
+            "and 'training_options'; use robustx.io.export.load_model for robustx files."
         )
     state = dict(obj["model_params"])
     bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
@@ -251,7 +251,7 @@ def import_reference_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module
 
 
 def convert_reference_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
-    """Convert an authors' checkpoint to a robustx safetensors file (see :mod:`robustx.export`).
+    """Convert an authors' checkpoint to a robustx safetensors file (see :mod:`robustx.io.export`).
 
     The header metadata holds ``model_config``, ``source`` (the original file name) and
     ``training_options``.
@@ -266,9 +266,9 @@ def convert_reference_checkpoint(src: str | os.PathLike[str], dst: str | os.Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m robustx.legacy SRC [SRC ...] --out DIR``; returns the exit status."""
+    """``python -m robustx.io.legacy SRC [SRC ...] --out DIR``; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m robustx.legacy",
+        prog="python -m robustx.io.legacy",
         description="Convert the paper authors' reference checkpoints to safetensors without running pickled code.",
     )
     parser.add_argument("src", nargs="+", type=Path, help="authors' .pt checkpoints")

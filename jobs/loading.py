@@ -20,19 +20,19 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
     Lightning checkpoints are read with ``torch.load(weights_only=True)`` and rebuilt from the
     allowlisted model config they carry; exports need no pickle at all; the authors' legacy
-    files go through :mod:`robustx.legacy`'s restricted loader.
+    files go through :mod:`robustx.io.legacy`'s restricted loader.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist; pass a .ckpt, .safetensors or reference .pt file.")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from robustx.export import load_model
+        from robustx.io.export import load_model
 
         model, meta = load_model(path)
         return model, {"format": "safetensors", "model_config": meta["model_config"], "metadata": meta}
     if suffix == ".pt":
-        from robustx.legacy import import_reference_checkpoint
+        from robustx.io.legacy import import_reference_checkpoint
 
         model, info = import_reference_checkpoint(path)
         return model, {"format": "reference", **info}

@@ -16,8 +16,8 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
-from .attacks import criterion_mask, engine_attack, rmse
-from .compiled import compiled_forward, frozen_parameters
+from robustx.attacks import criterion_mask, engine_attack, rmse
+from robustx.compiled import compiled_forward, frozen_parameters
 
 __all__ = [
     "ara_exact",

@@ -20,7 +20,7 @@ from torch import Tensor
 
 __all__ = ["BASELINE_TITLES", "MAP_COLORBAR_LABEL", "explanation_grid", "save_png"]
 
-#: Display names of the attribution methods (robustx.attribution.METHODS).
+#: Display names of the attribution methods (robustx.explain.attribution.METHODS).
 BASELINE_TITLES = {
     "ae": "AE |delta|",
     "gradcam": "Grad-CAM",
@@ -98,7 +98,7 @@ def explanation_grid(
         prob_before: (B, K) target probability on the image.
         prob_after: (B, K) target probability on the AE.
         class_names: (num_classes,) names; indices are shown without them.
-        kinds: (K,) column kinds shared by all images, e.g. ``AEResult.kinds[0]`` or :func:`robustx.explanations.resolve_target_columns`, or (B, K)
+        kinds: (K,) column kinds shared by all images, e.g. ``AEResult.kinds[0]`` or :func:`robustx.explain.adversarial.resolve_target_columns`, or (B, K)
             per image, e.g. ``AEResult.kinds`` (``true``, ``second``, ``all``, ``class``; None:
             a padding slot, drawn blank).
         preds: (B,) predicted classes, shown over the input.

@@ -36,8 +36,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .compiled import _compile_errors, _first_line
-from .layers import HHRELU_KERNELS, HalfHuberReLU
+from robustx.compiled import _compile_errors, _first_line
+from robustx.layers import HHRELU_KERNELS, HalfHuberReLU
 
 __all__ = ["bn_double_backward", "FusedBatchNorm2d", "FusedConv2d", "use_fused_double_backprop"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
-from .ara import summarize
+from robustx.robustness.ara import summarize
 
 __all__ = ["ARAMetric"]
 

@@ -9,7 +9,7 @@ __all__ = ["select_outputs", "input_gradient_penalty", "finite_difference_penalt
 
 #: ``double_backprop``: the paper's exact gradient of the penalty; ``double_backprop_fused``: the
 #: same gradient with fused, compiled second-order kernels for BatchNorm and the half-Huber ReLU
-#: (robustx.double_backprop); ``finite_difference``: an option that replaces the double backward
+#: (robustx.training.double_backprop); ``finite_difference``: an option that replaces the double backward
 #: by one extra forward/backward (an approximation, see below).
 PENALTY_IMPLS = ("double_backprop", "double_backprop_fused", "finite_difference")
 

@@ -24,8 +24,8 @@ from typing import Iterator, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .attacks import engine_attack, rmse
-from .compiled import compiled_engine_step, compiled_forward, frozen_parameters
+from robustx.attacks import engine_attack, rmse
+from robustx.compiled import compiled_engine_step, compiled_forward, frozen_parameters
 
 __all__ = ["TargetSpec", "AEResult", "resolve_targets", "resolve_target_columns", "adversarial_explanations", "TARGET_KEYWORDS"]
 

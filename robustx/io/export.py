@@ -27,8 +27,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from . import __version__
-from .models import MODEL_TARGETS, ModelConfigError, build_model
+from robustx import __version__
+from robustx.models import MODEL_TARGETS, ModelConfigError, build_model
 
 __all__ = ["ExportError", "save_model", "load_model", "read_metadata", "FORMAT_NAME"]
 
@@ -166,7 +166,7 @@ def _read_header(path: Path) -> tuple[dict[str, str], list[str]]:
 
     if not path.is_file():
         raise ExportError(
-            f"no model file at '{path}'; check the path or export one with robustx.export.save_model."
+            f"no model file at '{path}'; check the path or export one with robustx.io.export.save_model."
         )
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -175,7 +175,7 @@ def _read_header(path: Path) -> tuple[dict[str, str], list[str]]:
     except Exception as err:  # safetensors raises SafetensorError / OSError on bad headers
         raise ExportError(
             f"'{path}' is not a readable safetensors file ({_one_line(err)}); it may be truncated "
-            "or corrupt: re-export it with robustx.export.save_model."
+            "or corrupt: re-export it with robustx.io.export.save_model."
         ) from None
     return dict(raw), keys
 
@@ -184,7 +184,7 @@ def _decode_metadata(path: Path, raw: Mapping[str, str]) -> dict[str, Any]:
     if "model_config" not in raw:
         raise ExportError(
             f"'{path}' has no 'model_config' metadata, so the network cannot be rebuilt; "
-            "export it with robustx.export.save_model(model, path, model_config=...)."
+            "export it with robustx.io.export.save_model(model, path, model_config=...)."
         )
     out: dict[str, Any] = {}
     for key, value in raw.items():
@@ -197,13 +197,13 @@ def _decode_metadata(path: Path, raw: Mapping[str, str]) -> dict[str, Any]:
             if key == "model_config":
                 raise ExportError(
                     f"'{path}' has a 'model_config' that is not valid JSON; re-export it with "
-                    "robustx.export.save_model."
+                    "robustx.io.export.save_model."
                 ) from None
             out[key] = value  # written by another tool: keep the raw string
     if not isinstance(out["model_config"], dict):
         raise ExportError(
             f"'{path}' has a 'model_config' that is not a JSON object; re-export it with "
-            "robustx.export.save_model."
+            "robustx.io.export.save_model."
         )
     return out
 
@@ -266,7 +266,7 @@ def load_model(
     except Exception as err:
         raise ExportError(
             f"'{path}' has unreadable tensor data ({_one_line(err)}); it may be truncated: "
-            "re-export it with robustx.export.save_model."
+            "re-export it with robustx.io.export.save_model."
         ) from None
 
     # Keep the saved floating dtype (e.g. a half-precision export) when it is uniform.

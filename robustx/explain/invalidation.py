@@ -5,7 +5,7 @@ did to a decision, while adversarial explanations (AEs, paper, Results, "Adversa
 explanations") do:
 
 * :func:`invalidation_study`: for each correctly classified image, the smallest adversarial
-  example of the paper's minimal-perturbation search (:func:`robustx.ara.minimal_perturbation`)
+  example of the paper's minimal-perturbation search (:func:`robustx.robustness.ara.minimal_perturbation`)
   flips the prediction. Each method's map of the NEW class on the perturbed image is compared
   with its map of the ORIGINAL class on the clean image (Spearman rank correlation, overlap of
   the top-``frac`` pixels) and the share of the perturbation's energy that falls inside the
@@ -15,7 +15,7 @@ explanations") do:
   while keeping the Grad-CAM map close to the clean one (through :func:`differentiable_gradcam`).
 
 All maps are (B, H, W) non-negative importance maps as returned by
-:func:`robustx.attribution.attribution_maps`.
+:func:`robustx.explain.attribution.attribution_maps`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ara import minimal_perturbation
-from .attacks import rmse
+from robustx.robustness.ara import minimal_perturbation
+from robustx.attacks import rmse
 
 __all__ = [
     "spearman",
@@ -248,7 +248,7 @@ def invalidation_study(
         model: classifier on (B, C, H, W) images in [0, 1], in eval mode.
         images: (B, C, H, W) in [0, 1].
         labels: (B,) true classes.
-        methods: names from :data:`robustx.attribution.METHODS`.
+        methods: names from :data:`robustx.explain.attribution.METHODS`.
         attack_steps, attack_eps, attack_momentum, attack_clip: minimal-perturbation search
             settings (paper: 450, 20, 0.9). ``attack_clip`` keeps x' in [0, 1] (default): the
             perturbed image is explained, so it must be a valid image (the paper's ARA search
@@ -256,7 +256,7 @@ def invalidation_study(
         autocast_dtype: autocast dtype for the search (e.g. torch.bfloat16); its re-check and
             all maps run in full precision.
         frac: share of pixels in the top region, in (0, 1].
-        map_options: keyword arguments for :func:`robustx.attribution.attribution_maps`
+        map_options: keyword arguments for :func:`robustx.explain.attribution.attribution_maps`
             (rho, ae_steps, ig_steps, smoothgrad_samples, lime_samples, layer, ...).
         compare_original_class: also compute the ``*_orig_class`` metrics (one more map per method).
         noise_control: also compute the ``*_noise`` metrics (one more map per method);
@@ -265,7 +265,7 @@ def invalidation_study(
         bootstrap: resamples for the summary's CIs.
         keep_tensors: also return ``tensors`` (clean and adversarial images, maps) for figures.
         progress: called with a short label after the search and after each method.
-        search_progress: passed to :func:`robustx.ara.minimal_perturbation` as ``progress``:
+        search_progress: passed to :func:`robustx.robustness.ara.minimal_perturbation` as ``progress``:
             called after every search step with the number of images searched in it.
     Returns:
         {"records": [per correctly classified image: id, label, pred_adv, r, found, rechecked,
@@ -274,7 +274,7 @@ def invalidation_study(
         "clean" (M, C, H, W), "adversarial" (M, C, H, W), "maps_clean" {method: (M, H, W)},
         "maps_adv" {method: (M, H, W)}} over the M correct images}.
     """
-    from .attribution import METHODS, attribution_maps
+    from robustx.explain.attribution import METHODS, attribution_maps
 
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
@@ -383,7 +383,7 @@ def summarize_invalidation(records: Sequence[Mapping[str, Any]], methods: Sequen
 
 
 def _layer_of(model: nn.Module, layer: nn.Module | str | None, images: Tensor) -> nn.Module:
-    from .attribution import _resolve_layer
+    from robustx.explain.attribution import _resolve_layer
 
     return _resolve_layer(model, layer, images)
 
@@ -429,7 +429,7 @@ def differentiable_gradcam(model: nn.Module, layer: nn.Module | str | None, imag
 
     Args:
         model: classifier on (B, C, H, W) images in [0, 1] (put it in eval mode first).
-        layer: the convolutional layer (module or dotted name; None: :func:`robustx.attribution.find_gradcam_layer`).
+        layer: the convolutional layer (module or dotted name; None: :func:`robustx.explain.attribution.find_gradcam_layer`).
         images: (B, C, H, W); gradients flow to it if it requires grad.
         targets: (B,) int classes.
     Returns:
@@ -537,7 +537,7 @@ def manipulation_attack(
         model: classifier on (B, C, H, W) images in [0, 1], in eval mode.
         images: (B, C, H, W) in [0, 1].
         labels: (B,) true classes.
-        layer: Grad-CAM layer (None: :func:`robustx.attribution.find_gradcam_layer`).
+        layer: Grad-CAM layer (None: :func:`robustx.explain.attribution.find_gradcam_layer`).
         budgets: RMSE budgets (> 0) in [0, 1] pixel space.
         steps: optimization steps per budget (>= 1).
         map_weight: weight of the map distance (>= 0).

@@ -1,0 +1,1 @@
+"""Explanations: adversarial explanations, attribution baselines (captum), the invalidation study, faithfulness metrics and figures."""

@@ -1,0 +1,1 @@
+"""Files: safetensors export/import, the authors' legacy checkpoints, image files and atomic writes."""

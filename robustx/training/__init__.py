@@ -1,0 +1,1 @@
+"""Training objective: the input-gradient penalty (and its fused double backprop), adaptive psi, and the one loss of every method."""
