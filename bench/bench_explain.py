@@ -27,7 +27,7 @@ batched yardstick and the paths (``--sequential``: one block each, as before), s
 see the same machine conditions. For each path: seconds, speed-up
 over both yardsticks, the RMSE between its AEs and the batched fp32 yardstick's (per pair:
 max), max |prob_after difference| and the seconds of the first (warm-up) call.
-Writes ``bench/results_explain.md`` and ``bench/results_explain.json``.
+Writes ``docs/explanation_speed/results_explain.md`` and ``docs/explanation_speed/results_explain.json``.
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def main() -> None:
     ap.add_argument("--no-per-pair", action="store_true", help="skip the one-pair-at-a-time yardstick")
     ap.add_argument("--sequential", action="store_true",
                     help="time each path's repeats in one block (runs before 2026-11-26's later stop) instead of round-robin")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results_explain"), help="writes OUT.md and OUT.json")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "explanation_speed" / "results_explain"), help="writes OUT.md and OUT.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--mm-size", type=int, default=2048)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=str(CONF.parent / "docs" / "robustness_per_compute" / "results_flops.json"), help="numbers as JSON ('' skips)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     peak = matmul_peak(args.mm_size)

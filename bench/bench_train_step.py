@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default="docs/train_step_speed/results_train_step.json", help="numbers as JSON ('' skips; run from the repository root)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), help="subset of: %(default)s")
     ap.add_argument("--paths", nargs="+", default=list(PATHS), help="subset of: %(default)s")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")

@@ -7,7 +7,7 @@
 # Usage: bash bench/compare_penalty_impl.sh [OUT]   (runs already in OUT are kept; delete OUT to redo them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-results/penalty_impl}
+OUT=${1:-docs/penalty_implementations/penalty_impl}
 run() {  # name precision impl [channels_last] [fd_h]
   if [ -f "$OUT/$1/ara_final.json" ]; then echo "$1: done before, kept"; return; fi
   .venv/bin/python train.py +experiment=demo logger=csv trainer.enable_progress_bar=false trainer.precision=$2 \

@@ -3,7 +3,7 @@
 # evaluation (final callback pass: 200 validation images, 100 steps, eps 5). Usage: bash bench/compare_precision.sh [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-results/precision}
+OUT=${1:-docs/precision/fp32_vs_bf16}
 for p in 32-true bf16-mixed; do
   .venv/bin/python train.py +experiment=demo logger=csv trainer.enable_progress_bar=false trainer.precision=$p \
     callbacks=ara callbacks.ara_evaluation.every_n_epochs=0 callbacks.ara_evaluation.final_num_images=200 \

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from robustx.compiled import compiled_forward, frozen_parameters  # noqa: E402
+from robustx.compiled import compiled_forward  # noqa: E402
+from robustx.utils import frozen_parameters  # noqa: E402
 
 
 def load(ckpt: str | None):

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/fast_protocol.py --net standard --images 100
 
-Reads the paper-protocol r_i of the same images from results/reference_ara_paper_200/<net>.json
+Reads the paper-protocol r_i of the same images from docs/reference_networks/reference_ara_paper_200/<net>.json
 and runs cheaper candidates on the first --images of them; prints per candidate the gradient
 evaluations per image (forward-only passes count separately), both ARAs and their relative
 difference to the paper protocol on the same images.
@@ -48,7 +48,7 @@ def main():
     from datamodules import CIFAR10DataModule
     from robustx.io.legacy import import_reference_checkpoint
 
-    ref = json.loads((ROOT / "results" / "reference_ara_paper_200" / f"resnet44-{args.net}.json").read_text())
+    ref = json.loads((ROOT / "docs" / "reference_networks" / "reference_ara_paper_200" / f"resnet44-{args.net}.json").read_text())
     model, _ = import_reference_checkpoint(ROOT.parent / "shared" / "reference-checkpoints" / f"resnet44-{args.net}.pt")
     model.eval()
     dm = CIFAR10DataModule(root=str(ROOT.parent / "shared" / "datasets" / "cifar10-jpeg"), limit_test=200)

@@ -11,10 +11,23 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from robustx.robustness.ara import ara_curve, evaluate_batch
+from robustx.robustness.ara import PROTOCOLS, ara_curve, evaluate_batch
 from robustx.robustness.metric import ARAMetric
+from robustx.io.files import atomic_write
 
 log = logging.getLogger(__name__)
+
+
+def _search(protocol: str, steps: int | None, eps: float | None, momentum: float | None, *, key: str) -> dict[str, Any]:
+    """A protocol's search settings with the given overrides, validated (one-line errors naming the key)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"ARAEvaluation: unknown {key}protocol '{protocol}'; choose one of {sorted(PROTOCOLS)}.")
+    p = PROTOCOLS[protocol]
+    out = {"steps": int(p["steps"] if steps is None else steps), "eps": float(p["eps"] if eps is None else eps),
+           "momentum": float(p["momentum"] if momentum is None else momentum)}
+    if out["steps"] <= 0 or out["eps"] <= 0:
+        raise ValueError(f"ARAEvaluation: {key}steps and {key}eps must be > 0, got {out['steps']} and {out['eps']}.")
+    return out
 
 
 class ARAEvaluation(pl.Callback):
@@ -28,9 +41,12 @@ class ARAEvaluation(pl.Callback):
 
     Args:
         every_n_epochs: period (0 disables the periodic evaluation).
-        num_images, steps, eps, momentum: periodic settings.
+        num_images: periodic evaluation images.
+        protocol: periodic search protocol (a name of :data:`robustx.robustness.ara.PROTOCOLS`);
+            steps, eps, momentum: override its values (None: the protocol's).
         final: run the final evaluation at the end of training.
-        final_num_images, final_steps, final_eps, final_momentum: final settings (paper: 1000, 450, 20, 0.9).
+        final_num_images, final_protocol, final_steps, final_eps, final_momentum: the same for the
+            final evaluation (the paper's: 1000 images, the paper protocol).
         batch_size: images per attack batch.
         bf16: run the attack under bf16 autocast (faster on CPUs with AVX-512 BF16 and on GPUs).
         compile: run the attack's passes through torch.compile (compiled at the first call, reused).
@@ -44,14 +60,16 @@ class ARAEvaluation(pl.Callback):
         *,
         every_n_epochs: int = 5,
         num_images: int = 100,
-        steps: int = 45,
-        eps: float = 2.0,
-        momentum: float = 0.0,
+        protocol: str = "cheap",
+        steps: int | None = None,
+        eps: float | None = None,
+        momentum: float | None = None,
         final: bool = True,
         final_num_images: int = 1000,
-        final_steps: int = 450,
-        final_eps: float = 20.0,
-        final_momentum: float = 0.9,
+        final_protocol: str = "paper",
+        final_steps: int | None = None,
+        final_eps: float | None = None,
+        final_momentum: float | None = None,
         batch_size: int = 100,
         bf16: bool = False,
         compile: bool = False,
@@ -62,11 +80,9 @@ class ARAEvaluation(pl.Callback):
         super().__init__()
         if every_n_epochs < 0 or num_images <= 0 or final_num_images <= 0 or batch_size <= 0:
             raise ValueError("ARAEvaluation: every_n_epochs >= 0 and num_images, final_num_images, batch_size > 0 are required.")
-        if steps <= 0 or final_steps <= 0 or eps <= 0 or final_eps <= 0:
-            raise ValueError("ARAEvaluation: steps and eps must be > 0 (paper protocol: 450 steps, eps 20).")
         self.every_n_epochs = every_n_epochs
-        self.periodic = {"num_images": num_images, "steps": steps, "eps": eps, "momentum": momentum}
-        self.final_settings = {"num_images": final_num_images, "steps": final_steps, "eps": final_eps, "momentum": final_momentum}
+        self.periodic = {"num_images": num_images, **_search(protocol, steps, eps, momentum, key="")}
+        self.final_settings = {"num_images": final_num_images, **_search(final_protocol, final_steps, final_eps, final_momentum, key="final_")}
         self.final, self.batch_size, self.bf16, self.compile = final, batch_size, bf16, bool(compile)
         self.bootstrap, self.clip, self.output_dir = bootstrap, clip, output_dir
         self.history: list[dict[str, Any]] = []
@@ -155,9 +171,7 @@ class ARAEvaluation(pl.Callback):
             self.history.append({k: v for k, v in record.items() if not k.startswith("r_")})
             out_dir = Path(self.output_dir or trainer.default_root_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = out_dir / f".ara_{tag}.json.tmp"
-            tmp.write_text(json.dumps(record))
-            tmp.replace(out_dir / f"ara_{tag}.json")
+            atomic_write(out_dir / f"ara_{tag}.json", json.dumps(record))
 
     def _log_curves(self, trainer: pl.Trainer, metric: ARAMetric, tag: str) -> None:
         try:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from robustx.io.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,4 @@ class TimeBudget(pl.Callback):
             return
         out = Path(self.output_dir or trainer.default_root_dir)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "timing.json.tmp"
-        tmp.write_text(json.dumps(self.summary(trainer), indent=2))
-        os.replace(tmp, out / "timing.json")
+        atomic_write(out / "timing.json", json.dumps(self.summary(trainer), indent=2))

@@ -20,11 +20,6 @@ class DataError(ValueError):
     """A user-facing data problem (missing or corrupt files, bad options); the message is one line."""
 
 
-def one_line(err: BaseException | str) -> str:
-    """An exception (or text) squeezed onto one line, for embedding in a DataError message."""
-    return " ".join(str(err).split())
-
-
 def cache_root() -> Path:
     """``$ROBUSTX_CACHE`` if set, else ``~/.cache/robustx`` (nothing is created here)."""
     return Path(os.environ.get("ROBUSTX_CACHE") or "~/.cache/robustx").expanduser()

@@ -14,7 +14,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .base import DataError, one_line
+from robustx.utils import one_line
+
+from .base import DataError
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from .base import BaseImageDataModule, DataError, one_line
+from robustx.utils import one_line
+
+from .base import BaseImageDataModule, DataError
 from .cache import (
     MARKER,
     TAR_SUFFIXES,

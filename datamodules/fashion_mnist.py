@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .base import BaseImageDataModule, DataError, one_line
+from robustx.utils import one_line
+
+from .base import BaseImageDataModule, DataError
 from .tensor_dataset import PadCropFlip, UInt8ImageDataset
 
 log = logging.getLogger(__name__)

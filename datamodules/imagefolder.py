@@ -9,7 +9,9 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .base import BaseImageDataModule, DataError, one_line
+from robustx.utils import one_line
+
+from .base import BaseImageDataModule, DataError
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from typing import Any
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from robustx.io.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,8 @@ def evaluate_run(cfg: DictConfig, output_dir: Path, result: dict[str, Any]) -> d
         output_dir: the run folder (holds ``model.safetensors`` and ``timing.json``).
         result: what the run wrote to ``metrics.json``.
     """
-    from jobs.evaluate import _cache_key, _settings, _versions, evaluate_checkpoint
+    from jobs.evaluate import ara_settings, cache_key, evaluate_checkpoint
+    from jobs.loading import versions
     from robustx.robustness.ara import robust_accuracy_at
 
     b = cfg.bench
@@ -71,7 +73,7 @@ def evaluate_run(cfg: DictConfig, output_dir: Path, result: dict[str, Any]) -> d
         raise FileNotFoundError(f"bench.evaluate needs the exported model {model_path}; keep export=true.")
     ara = {**DEFAULT_ARA, **OmegaConf.to_container(b.get("ara") or {}, resolve=True)}
     ara["num_images"] = int(b.num_images)
-    settings = _settings(OmegaConf.create({"ara": ara}))
+    settings = ara_settings(OmegaConf.create({"ara": ara}))
     if b.get("threads"):
         torch.set_num_threads(int(b.threads))
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
@@ -83,7 +85,7 @@ def evaluate_run(cfg: DictConfig, output_dir: Path, result: dict[str, Any]) -> d
     data_key = {k: data_cfg.get(k) for k in ("_target_", "root", "limit_test", "val_seed")}
     cache_dir = None
     if b.get("cache", True):
-        cache_dir = Path(cfg.paths.log_dir) / "eval_cache" / _cache_key(model_path, settings, data_key)
+        cache_dir = Path(cfg.paths.log_dir) / "eval_cache" / cache_key(model_path, settings, data_key)
     cross = OmegaConf.to_container(b.cross_check, resolve=True) if b.get("cross_check") else None
     if cross and not cross.get("attacks"):
         cross = None
@@ -140,12 +142,10 @@ def evaluate_run(cfg: DictConfig, output_dir: Path, result: dict[str, Any]) -> d
             "search_seconds": res["seconds_by_stage"]["search"],
             "wall_seconds": eval_wall,
         },
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), **_versions()},
+        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), **versions()},
         "output_dir": str(output_dir),
     }
-    tmp = output_dir / "bench.json.tmp"
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, output_dir / "bench.json")
+    atomic_write(output_dir / "bench.json", json.dumps(out, indent=1))
     e = out["eval"]
     log.info(
         "bench: test acc %.4f | attack ARA %.4f | BTR ARA %.4f | ensemble %s | %d steps, %.3f s/step -> %s",

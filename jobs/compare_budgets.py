@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Compare benchmark summaries made at different budgets: does the ranking of the methods hold?
 
-    python scripts/compare_budgets.py 3=results/bench_fashion_mnist 8=results/bench_fashion_mnist_8min \
-        20=results/bench_fashion_mnist_20min --out results/bench_fashion_mnist_budgets
+    python scripts/compare_budgets.py 3=docs/robustness_per_compute/bench_fashion_mnist 8=docs/robustness_per_compute/bench_fashion_mnist_8min \
+        20=docs/robustness_per_compute/bench_fashion_mnist_20min --out docs/robustness_per_compute/bench_fashion_mnist_budgets
 
 Each argument is LABEL=PATH, PATH a ``scripts/summarize_runs.py`` output folder (its rows.json) or a
 rows.json file, LABEL the budget's name (minutes, say), in increasing budget order. Runs are matched
@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from jobs import summarize_runs as sr
+from robustx.io.files import atomic_write
 
 log = logging.getLogger("compare_budgets")
 
@@ -65,7 +65,7 @@ def load_budgets(specs: list[str]) -> list[tuple[str, list[dict[str, Any]]]]:
     for spec in specs:
         label, sep, path = spec.partition("=")
         if not sep or not label or not path:
-            raise ValueError(f"argument {spec!r} is not LABEL=PATH (e.g. 8=results/bench_fashion_mnist_8min)")
+            raise ValueError(f"argument {spec!r} is not LABEL=PATH (e.g. 8=docs/robustness_per_compute/bench_fashion_mnist_8min)")
         p = Path(path)
         f = p / "rows.json" if p.is_dir() else p
         if not f.is_file():
@@ -208,9 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     md, keys, by_budget, labels = compare(budgets, compare_families=args.compare.split(","), against=args.against,
                                           ratio=args.ratio, max_drop=args.max_drop)
     args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / "budgets.md.tmp"
-    tmp.write_text(md)
-    os.replace(tmp, args.out / "budgets.md")
+    atomic_write(args.out / "budgets.md", md)
     plot(keys, by_budget, labels, args.out / "budgets.png", args.title, min_acc=args.plot_min_acc)
     print(md)
     log.info("wrote %s, %s", args.out / "budgets.md", args.out / "budgets.png")

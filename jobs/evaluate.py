@@ -7,7 +7,6 @@ import json
 import math
 import logging
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -16,10 +15,11 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import robustx
 from robustx.robustness.ara import PROTOCOLS, ara_curve, evaluate_batch, summarize
+from robustx.explain.figures import save_png
+from robustx.io.files import atomic_write
 
-from jobs.loading import checkpoint_paths, load_classifier, output_stems
+from jobs.loading import checkpoint_paths, load_classifier, output_stems, versions
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def _auto_flag(value: Any, key: str, default: bool) -> bool:
     raise ValueError(f"ara.{key} must be true, false or auto, got {value!r}.")
 
 
-def _settings(cfg: DictConfig) -> dict[str, Any]:
+def ara_settings(cfg: DictConfig) -> dict[str, Any]:
     a = cfg.ara
     if a.protocol not in PROTOCOLS:
         raise ValueError(f"unknown ara.protocol '{a.protocol}'; choose one of {sorted(PROTOCOLS)}.")
@@ -73,20 +73,11 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _cache_key(path: Path, settings: dict, data: dict) -> str:
+def cache_key(path: Path, settings: dict, data: dict) -> str:
     # Content, not mtime: copying a checkpoint or restarting a machine that remounts its
     # folder must not throw away hours of cached search.
     h = hashlib.sha1(json.dumps([_file_digest(path), settings, data], sort_keys=True).encode())
     return h.hexdigest()[:16]
-
-
-def _versions(device: str = "cpu") -> dict[str, str]:
-    import pytorch_lightning
-
-    where = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else platform.machine()
-    return {"python": platform.python_version(), "torch": torch.__version__, "pytorch_lightning": pytorch_lightning.__version__,
-            "robustx": robustx.__version__, "machine": platform.machine(), "threads": str(torch.get_num_threads()),
-            "device": where}
 
 
 def _record_digest(rec: dict) -> str:
@@ -184,9 +175,7 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
     def save(path: Path | None, rec: dict) -> None:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{rank}")
-            tmp.write_text(json.dumps({**rec, "sha256": _record_digest(rec)}))
-            os.replace(tmp, path)
+            atomic_write(path, json.dumps({**rec, "sha256": _record_digest(rec)}))
 
     # One cache file per (batch, criterion) of the paper search and per (batch, attack) of the
     # cross-check: a killed run loses at most one of them, and adding a cross-check later reuses
@@ -362,15 +351,12 @@ def plot_curves(results: list[dict[str, Any]], png: Path, modes: list[str]) -> N
         ax.set_title(titles[mode])
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, png)
+    save_png(fig, png, dpi=120, close=True)
 
 
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     paths = checkpoint_paths(cfg.ckpt)
-    settings = _settings(cfg)
+    settings = ara_settings(cfg)
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={cfg.device} but CUDA is not available here; use device=cpu.")
     if cfg.ara.get("threads"):
@@ -386,7 +372,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for p, stem in zip(paths, output_stems(paths)):
-        key = _cache_key(p, settings, {k: data_cfg.get(k) for k in ("_target_", "root", "limit_test", "val_seed")})
+        key = cache_key(p, settings, {k: data_cfg.get(k) for k in ("_target_", "root", "limit_test", "val_seed")})
         cache_dir = Path(cfg.paths.log_dir) / "eval_cache" / key if cfg.get("cache") else None
         if cache_dir is not None:
             log.info("%s: per-batch results cached in %s (a killed run resumes from there)", stem, cache_dir)
@@ -396,10 +382,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         if res is None:  # a non-zero torchrun rank: rank 0 writes the outputs
             continue
         res.update({"settings": settings, "data": {k: data_cfg.get(k) for k in ("_target_", "root", "limit_test", "val_seed")},
-                    "num_classes": int(dm.num_classes), "versions": _versions(str(cfg.device))})
-        tmp = out_dir / f".{stem}.json.tmp"
-        tmp.write_text(json.dumps(res, indent=1))
-        os.replace(tmp, out_dir / f"{stem}.json")
+                    "num_classes": int(dm.num_classes), "versions": versions(str(cfg.device))})
+        atomic_write(out_dir / f"{stem}.json", json.dumps(res, indent=1))
         plot_curves([res], out_dir / f"{stem}.png", settings["modes"])
         line = ", ".join(
             f"{m} ARA {res[m]['ara']:.5f} [{res[m]['ara_ci_low']:.5f}, {res[m]['ara_ci_high']:.5f}]" for m in settings["modes"]

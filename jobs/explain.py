@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -14,12 +13,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from datamodules.cifar10 import CIFAR10_CLASSES
+from datamodules.fashion_mnist import FASHION_MNIST_CLASSES
 from jobs.loading import load_classifier
+from robustx.io.files import atomic_write
 
 log = logging.getLogger(__name__)
 
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
 
 #: Input sizes of the model classes when the checkpoint does not record one (image_size= overrides).
 _DEFAULT_SIZES = {"PreActResNet": 32, "resnet44": 32, "TorchvisionClassifier": 224}
@@ -125,9 +125,7 @@ def _resolve_label(item: Any, num_classes: int, names: Sequence[str] | None) -> 
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1))
 
 
 def _unique_stem(path: Path, used: set[str]) -> str:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+import robustx
 from robustx.models import build_model
 
 
@@ -95,3 +97,13 @@ def output_stems(paths: list[Path]) -> list[str]:
                 names[i] = n if seen[n] == 1 else f"{n}-{seen[n]}"
             break
     return names
+
+
+def versions(device: str = "cpu") -> dict[str, str]:
+    """Software and machine versions recorded in every result file (eval, study, bench)."""
+    import pytorch_lightning
+
+    where = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else platform.machine()
+    return {"python": platform.python_version(), "torch": torch.__version__, "pytorch_lightning": pytorch_lightning.__version__,
+            "robustx": robustx.__version__, "machine": platform.machine(), "threads": str(torch.get_num_threads()),
+            "device": where}

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -33,7 +32,6 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import robustx
 from robustx.explain.attribution import METHODS
 from robustx.explain.faithfulness import deletion_auc, insertion_auc, random_maps
 from robustx.explain.invalidation import (
@@ -45,8 +43,10 @@ from robustx.explain.invalidation import (
     summarize_manipulation,
     summarize_values,
 )
+from robustx.io.files import atomic_write
+from robustx.robustness.ara import PROTOCOLS
 
-from jobs.loading import checkpoint_paths, load_classifier, output_stems
+from jobs.loading import checkpoint_paths, load_classifier, output_stems, versions
 from jobs.progress import WorkProgress, format_duration
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,12 @@ def _settings(cfg: DictConfig) -> dict[str, Any]:
     if not 0 < float(st["frac"]) <= 1:
         raise ValueError(f"study.frac must be in (0, 1] (share of pixels in the top region), got {st['frac']}.")
     a = out["attack"]
+    protocol = a.pop("protocol", "paper")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown attack.protocol '{protocol}'; choose one of {sorted(PROTOCOLS)}.")
+    for k in ("steps", "eps", "momentum"):
+        if a.get(k) is None:
+            a[k] = PROTOCOLS[protocol][k]
     if int(a["steps"]) < 1 or not float(a["eps"]) > 0:
         raise ValueError(f"attack.steps must be >= 1 and attack.eps > 0, got {a['steps']} and {a['eps']}.")
     f = out["faithfulness"]
@@ -89,11 +95,6 @@ def _json_safe(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
-
-
-def _versions() -> dict[str, str]:
-    return {"python": platform.python_version(), "torch": torch.__version__, "robustx": robustx.__version__,
-            "machine": platform.machine(), "threads": str(torch.get_num_threads())}
 
 
 class _Clock:
@@ -231,9 +232,7 @@ def _save_json(path: Path | None, rec: dict[str, Any]) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_json_safe(rec), allow_nan=False))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(_json_safe(rec), allow_nan=False))
 
 
 def _load_json(path: Path | None, ids: list[int], needs: tuple[str, ...]) -> dict[str, Any] | None:
@@ -533,9 +532,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -723,7 +720,7 @@ def run_study(cfg: DictConfig) -> list[dict[str, Any]]:
             if cfg.get("cache", True):
                 cache_dir = Path(cfg.paths.log_dir) / "study_cache" / _cache_key(p, _cache_settings(settings), data_info)
                 log.info("%s: per-batch results cached in %s (a killed study resumes from there)", name, cache_dir)
-            extra = {"settings": settings, "data": data_info, "versions": _versions()}
+            extra = {"settings": settings, "data": data_info, "versions": versions()}
 
             def publish(res: dict[str, Any], _name=name, _later=names[i + 1 :]) -> None:
                 res.update(extra)

@@ -1,7 +1,7 @@
 """Collect the bench.json files of one or more (multi)runs into a markdown table and trade-off plots.
 
     python scripts/summarize_runs.py logs/train/multiruns/bench_fashion_mnist/<date> [MORE_DIRS...] --out DIR
-        [--reference results/reference_ara_paper_200 ...]   # eval.py JSONs (e.g. the CIFAR-10 reference networks)
+        [--reference docs/reference_networks/reference_ara_paper_200 ...]   # eval.py JSONs (e.g. the CIFAR-10 reference networks)
         [--wandb ENTITY/PROJECT [--wandb-group GROUP]]      # also pull runs' bench/* summaries from W&B (online only)
         [--compare robust,all --against pgd]                # the equal-compute target check
         [--btr-from DIR] [--attack-from DIR]                # ARAs from re-evaluations (scripts/recheck_paper_protocol.sh)
@@ -407,14 +407,10 @@ def plot(rows: list[dict], png: Path, title: str) -> None:
 
 def save_figure(fig, png: Path) -> None:
     """Write ``fig`` to ``png`` atomically (a killed run never leaves half a PNG) and close it."""
-    import matplotlib.pyplot as plt
+    from robustx.explain.figures import save_png
 
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, png)
+    save_png(fig, png, dpi=120, close=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from robustx.io.files import atomic_write
 
 from lightning_modules.robust_classifier import RobustClassifier
 
@@ -280,9 +281,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             "seconds_per_step": train_seconds / max(1, steps_this_run),
             "output_dir": str(output_dir),
         }
-        tmp = output_dir / "metrics.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, output_dir / "metrics.json")
+        atomic_write(output_dir / "metrics.json", json.dumps(result, indent=2))
         # 4 significant digits: the penalty (~1e-5) would read 0.0 rounded to 4 decimals.
         log.info("Final metrics: %s", {k: float(f"{v:.4g}") for k, v in metrics.items()})
         if cfg.get("bench") and cfg.bench.get("evaluate"):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustx.training.penalty import at_least_fp32, draw_device
+from robustx.utils import at_least_fp32, draw_device
 
 __all__ = [
     "rmse",
@@ -340,9 +340,24 @@ def _l2_ascent(model, images, delta, loss_fn, *, eps: float, steps: int, alpha: 
         delta.requires_grad_(True)
         (grad,) = torch.autograd.grad(loss_fn(model(images + delta)), delta)
         with torch.no_grad():
-            delta = delta + alpha * grad / (1e-12 + rmse(grad).view(-1, 1, 1, 1))
-            scale = (eps / (1e-12 + rmse(delta))).clamp(max=1.0)
-            delta = delta * scale.view(-1, 1, 1, 1)
-            if clip:
-                delta = (images + delta).clamp(0, 1) - images
+            delta = l2_ball_step(images, delta, grad, alpha=alpha, eps=eps, clip=clip)
     return (images + delta).detach()
+
+
+def l2_ball_step(images: torch.Tensor, delta: torch.Tensor, direction: torch.Tensor, *, alpha: float, eps: float, clip: bool) -> torch.Tensor:
+    """One normalized step of RMSE ``alpha`` along ``direction``, projected onto the RMSE ball of radius ``eps`` -> new delta.
+
+    The step of PGD-L2 and TRADES (ascent: ``direction`` = the loss gradient) and of the Grad-CAM
+    manipulation attack (descent: its negative). With ``clip`` the result also keeps
+    ``images + delta`` in [0, 1] (clipping only shrinks |delta|, so it stays inside the ball).
+
+    Args:
+        images: (B, C, H, W) in [0, 1]; delta, direction: (B, C, H, W).
+        alpha: step length (RMSE) > 0; eps: ball radius (RMSE) > 0.
+    """
+    delta = delta + alpha * direction / (1e-12 + rmse(direction).view(-1, 1, 1, 1))
+    scale = (eps / (1e-12 + rmse(delta))).clamp(max=1.0)
+    delta = delta * scale.view(-1, 1, 1, 1)
+    if clip:
+        delta = (images + delta).clamp(0, 1) - images
+    return delta

@@ -18,17 +18,16 @@ graphs (robustx.training.double_backprop compiles its second-order kernels inste
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustx.attacks import ce_input_grad, engine_update
-from robustx.training.penalty import at_least_fp32
+from robustx.utils import at_least_fp32, one_line
 
-__all__ = ["compiled_forward", "compiled_input_grad", "compiled_engine_step", "frozen_parameters"]
+__all__ = ["compiled_forward", "compiled_input_grad", "compiled_engine_step"]
 
 log = logging.getLogger(__name__)
 
@@ -41,32 +40,8 @@ _COMPILED_STEP: dict[str, Callable[..., tuple[Tensor, Tensor, Tensor]]] = {}
 _STEP_UNAVAILABLE = False  # set after a failed compilation or trace: later calls use compiled_input_grad
 
 
-@contextmanager
-def frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """Parameters do not require grad inside the block (restored after).
-
-    Eager autograd skips weight gradients that an input-gradient call does not ask for; a
-    compiled backward computes the gradient of every input that requires one, so the
-    parameters must not.
-    """
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
 def _forward(model: nn.Module, x: Tensor) -> Tensor:
     return model(x)
-
-
-def _first_line(err: BaseException) -> str:
-    """The first line of an exception's message (its type name if empty), at most 300 characters."""
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:300]
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:
@@ -113,7 +88,7 @@ def compiled_forward(model: nn.Module) -> Callable[[Tensor], Tensor]:
             return fn(model, x)
         except _compile_errors() as err:
             _UNAVAILABLE = True
-            log.warning("torch.compile is unavailable here (%s); running eagerly. Set compile=false to skip it.", _first_line(err))
+            log.warning("torch.compile is unavailable here (%s); running eagerly. Set compile=false to skip it.", one_line(err, limit=300))
             return model(x)
 
     return call
@@ -142,7 +117,7 @@ def compiled_input_grad(model: nn.Module) -> Callable[[Tensor, Tensor], tuple[Te
     CPU inductor's C++ wrapper replaces the Python code that launches each kernel. At the
     small batches of explanations (10 image-target pairs, resnet44) this cuts the per-step
     time by about 15-20% against :func:`compiled_forward` (bench/explore_fused_input_grad.py,
-    BENCHMARKS.md). Call it with the model's parameters frozen (:func:`frozen_parameters`).
+    BENCHMARKS.md). Call it with the model's parameters frozen (:func:`robustx.utils.frozen_parameters`).
     Where tracing or compiling fails, a warning is logged once and the step runs through
     :func:`compiled_forward` (itself eager where nothing compiles): same results, slower.
 
@@ -166,7 +141,7 @@ def compiled_input_grad(model: nn.Module) -> Callable[[Tensor, Tensor], tuple[Te
                     return fn(model, x, labels)
             except (*_compile_errors(), *_trace_errors()) as err:
                 _GRAD_UNAVAILABLE = True
-                log.warning("compiling the input gradient as one graph failed (%s); compiling the forward only.", _first_line(err))
+                log.warning("compiling the input gradient as one graph failed (%s); compiling the forward only.", one_line(err, limit=300))
         return ce_input_grad(fallback, x, labels)
 
     return call
@@ -201,7 +176,7 @@ def compiled_engine_step(model: nn.Module) -> Callable[..., tuple[Tensor, Tensor
     a step for resnet44, 3% of an explanation step at batch 10); anything else re-checks them.
     A callable criterion, or a model that cannot be traced or compiled, runs
     :func:`compiled_input_grad` and the eager rule instead (one warning line for a failure).
-    Call it with the model's parameters frozen (:func:`frozen_parameters`), and make one per
+    Call it with the model's parameters frozen (:func:`robustx.utils.frozen_parameters`), and make one per
     engine run: the parameters' shapes, strides and dtypes must not change between the calls of
     one returned function (its guard skipping does not look at them).
 
@@ -240,7 +215,7 @@ def compiled_engine_step(model: nn.Module) -> Callable[..., tuple[Tensor, Tensor
                     return out
             except (*_compile_errors(), *_trace_errors()) as err:
                 _STEP_UNAVAILABLE = True
-                log.warning("compiling the engine step as one graph failed (%s); compiling the input gradient only.", _first_line(err))
+                log.warning("compiling the engine step as one graph failed (%s); compiling the input gradient only.", one_line(err, limit=300))
         logits, grad = grad_fn(images + delta, labels)
         with torch.no_grad():
             return (logits, *engine_update(images, delta, mom, logits, grad, labels, ss, keep, **rule))

@@ -8,7 +8,7 @@ and the largest difference to: the CPU's fused double backprop, the device's aut
 device's fused double backprop and (CUDA) both with cuDNN off. Differences near float64 rounding
 (about 1e-15 of the largest gradient) say the paths compute the same thing; larger ones say some
 step ran at lower precision. It found that the cross-entropy was taken of ``logits.float()``,
-rounding float64 logits to float32 (results/gpu_check_h200/logs/stop16_float64_grads_*.log).
+rounding float64 logits to float32 (logs/stop16_float64_grads_*.log in docs/gpu/gpu_check_h200/runs.tar.gz).
 """
 
 from __future__ import annotations

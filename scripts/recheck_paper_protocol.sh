@@ -40,8 +40,7 @@ wait $pa || true
 "$PY" - "$OUT" "$MODE" <<'EOF' | tee "$OUT/table.md"
 import json, sys
 from pathlib import Path
-sys.path.insert(0, "scripts")
-from summarize_runs import same_images
+from jobs.summarize_runs import same_images
 mode = sys.argv[2]
 if mode == "btr":
     print("| run | method | seed | test acc | BTR ARA bench (its protocol) | BTR ARA paper [95% CI] | paper / bench | s |")

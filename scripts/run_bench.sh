@@ -6,7 +6,7 @@
 # Two lanes on the 2-core machine (each job uses one thread; the 8- and 20-minute runs were made this way):
 #   OUT=DIR bash scripts/run_bench.sh 8 main:standard main:trades ... &  OUT=DIR bash scripts/run_bench.sh 8 main:pgd ... &
 # Writes logs/train/multiruns/bench_fashion_mnist/<stage>/<job>/bench.json, then the tables and plots in
-# results/bench_fashion_mnist/ (summary.md, rows.json, tradeoff.png).
+# docs/robustness_per_compute/bench_fashion_mnist/ (summary.md, rows.json, tradeoff.png).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUDGET=${1:-3}
@@ -48,8 +48,8 @@ for stage in $STAGES; do
     # main:METHOD re-runs one method of the main stage into main_METHOD (the published adv_l2 row
     # comes from such a re-run: the first adv_l2 run shared the CPU with a side job).
     main:*) m=${stage#main:}; run "main_$m" method="$m" ;;
-    summary) "$PY" scripts/summarize_runs.py "$OUT" --out results/bench_fashion_mnist \
-               --reference results/reference_ara_paper_200 results/reference_ara_paper_200_all ;;
+    summary) "$PY" scripts/summarize_runs.py "$OUT" --out docs/robustness_per_compute/bench_fashion_mnist \
+               --reference docs/reference_networks/reference_ara_paper_200 docs/reference_networks/reference_ara_paper_200_all ;;
     *) echo "unknown stage $stage (main, main:METHOD, sweep, sweep:NAME, summary)"; exit 2 ;;
   esac
 done

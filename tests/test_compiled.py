@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import robustx.compiled as rc
+from robustx.utils import frozen_parameters
 from robustx.attacks import engine_attack
 from robustx.models import PreActResNet
 
@@ -28,7 +29,7 @@ def test_compiled_input_grad_equals_autograd_and_engine_result():
     g = torch.Generator().manual_seed(1)
     x, y = torch.rand(6, 3, 32, 32, generator=g), torch.randint(10, (6,), generator=g)
     ref_logits, ref_grad = _eager(model, x, y)
-    with rc.frozen_parameters(model):
+    with frozen_parameters(model):
         fn = rc.compiled_input_grad(model)
         logits, grad = fn(x, y)
         fused = engine_attack(model, x, y, eps=0.1, steps=5, criterion="l2", targeted=True, overshoot=5, grad_fn=fn)
@@ -81,7 +82,7 @@ def test_compiled_engine_step_equals_the_eager_engine():
         dict(eps=0.5, steps=6, criterion="l2min", momentum=0.9, clip=True),
         dict(eps=0.5, steps=4, criterion=lambda logits, labels, delta: logits.argmax(1) == labels),
     ]
-    with rc.frozen_parameters(model):
+    with frozen_parameters(model):
         for kw in settings:
             step = rc.compiled_engine_step(model)
             for n in (6, 4):  # the same function, then another batch size
@@ -112,7 +113,7 @@ def test_compiled_engine_step_serves_every_subset_size_with_one_graph():
     x, y = torch.rand(6, 3, 32, 32, generator=g), torch.randint(10, (6,), generator=g)
     kw = dict(eps=0.1, steps=12, criterion="l2", targeted=True, overshoot=5)
     following, sizes = [], []
-    with rc.frozen_parameters(model):
+    with frozen_parameters(model):
         ref = engine_attack(model, x, y, on_step=lambda t, lg, d: following.append(int((rmse(d) < 0.1).sum())), **kw)
         step = rc.compiled_engine_step(model)
         got = engine_attack(model, x, y, step_fn=lambda *a, **k: sizes.append(a[0].size(0)) or step(*a, **k), skip_unused_gradients=True, **kw)

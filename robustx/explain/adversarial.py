@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from robustx.attacks import engine_attack, rmse
-from robustx.compiled import compiled_engine_step, compiled_forward, frozen_parameters
+from robustx.compiled import compiled_engine_step, compiled_forward
+from robustx.utils import frozen_parameters, model_mode
 
 __all__ = ["TargetSpec", "AEResult", "resolve_targets", "resolve_target_columns", "adversarial_explanations", "TARGET_KEYWORDS"]
 
@@ -221,14 +222,12 @@ def _prepared(model: nn.Module, channels_last: bool) -> Iterator[None]:
     no activations for weight gradients. channels_last is undone by putting the original
     tensors back (no copy, exact restoration of the model's memory format).
     """
-    was_training = model.training
     saved_params = [(p, p.data, p.grad, None if p.grad is None else p.grad.data) for p in model.parameters() if p.dim() == 4]
     saved_buffers = [
         (m, name, buf) for m in model.modules() for name, buf in m._buffers.items() if buf is not None and buf.dim() == 4
     ]
-    model.eval()
     try:
-        with frozen_parameters(model):
+        with model_mode(model), frozen_parameters(model):
             if channels_last:
                 model.to(memory_format=torch.channels_last)
             yield
@@ -241,7 +240,6 @@ def _prepared(model: nn.Module, channels_last: bool) -> Iterator[None]:
                 p.grad = grad
             for m, name, buf in saved_buffers:
                 m._buffers[name] = buf
-        model.train(was_training)
 
 
 def _check(images: Tensor, rho: float, steps: int, overshoot: float, chunk_size: int | None) -> None:

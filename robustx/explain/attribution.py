@@ -10,14 +10,13 @@ chooses their settings and reduces their output to a per-pixel map.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from robustx.explain.adversarial import adversarial_explanations
+from robustx.utils import model_mode
 
 __all__ = ["METHODS", "find_gradcam_layer", "attribution_maps", "slic_feature_mask"]
 
@@ -33,17 +32,6 @@ _POOLING = (
     nn.AdaptiveAvgPool1d,
     nn.AdaptiveMaxPool1d,
 )
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the block; the model's train/eval mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _dummy_input(model: nn.Module) -> Tensor:
@@ -90,7 +78,7 @@ def find_gradcam_layer(model: nn.Module, example_input: Tensor | None = None) ->
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if m is not model]
     try:
-        with _eval_mode(model), torch.no_grad():
+        with model_mode(model), torch.no_grad():
             model(x)
     finally:
         for h in handles:
@@ -111,7 +99,7 @@ def find_gradcam_layer(model: nn.Module, example_input: Tensor | None = None) ->
     return best[0]
 
 
-def _resolve_layer(model: nn.Module, layer: nn.Module | str | None, images: Tensor) -> nn.Module:
+def resolve_layer(model: nn.Module, layer: nn.Module | str | None, images: Tensor) -> nn.Module:
     if layer is None:
         return find_gradcam_layer(model, images)
     if isinstance(layer, nn.Module):
@@ -247,7 +235,7 @@ def attribution_maps(
     targets = targets.long()
     images = images.detach()
     h, w = images.shape[-2:]
-    with _eval_mode(model):
+    with model_mode(model):
         maps = _compute(
             model, images, targets, method=method, layer=layer, rho=rho, ae_steps=ae_steps, ig_steps=ig_steps,
             smoothgrad_samples=smoothgrad_samples, smoothgrad_sigma=smoothgrad_sigma, lime_samples=lime_samples,
@@ -268,7 +256,7 @@ def _compute(model, images, targets, *, method, layer, rho, ae_steps, ig_steps, 
         diff = res.images[:, 0] - images  # (B, C, H, W)
         return diff.float().pow(2).mean(1).sqrt()  # (B, H, W)
     if method == "gradcam":
-        target_layer = _resolve_layer(model, layer, images)
+        target_layer = resolve_layer(model, layer, images)
         cam = LayerGradCam(model, target_layer).attribute(images, target=targets, relu_attributions=True)  # (B, 1, h', w')
         if cam.dim() != 4:
             raise ValueError(f"Grad-CAM layer output must be (B, C, h, w), got {tuple(cam.shape)}; pick a convolutional layer.")

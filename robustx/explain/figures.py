@@ -12,11 +12,12 @@ figure atomically (temporary file in the same folder, then ``os.replace``).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from torch import Tensor
+
+from robustx.io.files import atomic_path
 
 __all__ = ["BASELINE_TITLES", "MAP_COLORBAR_LABEL", "explanation_grid", "save_png"]
 
@@ -201,17 +202,14 @@ def explanation_grid(
     return fig
 
 
-def save_png(fig, path: str | os.PathLike[str], *, dpi: int = 150) -> Path:
-    """Write ``fig`` as a PNG at ``path`` atomically (temporary file in the same folder, then os.replace) -> path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
+def save_png(fig, path: str | os.PathLike[str], *, dpi: int = 150, close: bool = False) -> Path:
+    """Write ``fig`` as a PNG at ``path`` atomically (:func:`robustx.io.files.atomic_path`) -> path; ``close`` closes the figure."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi)
+    finally:
+        if close:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+    return Path(path)

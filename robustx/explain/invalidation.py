@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustx.robustness.ara import minimal_perturbation
-from robustx.attacks import rmse
+from robustx.robustness.ara import PAPER, minimal_perturbation
+from robustx.stats import bootstrap_ci
+from robustx.attacks import l2_ball_step, rmse
 
 __all__ = [
     "spearman",
@@ -186,9 +187,7 @@ def summarize_values(values: Sequence[float] | Tensor, *, bootstrap: int = 1000,
         return {"mean": nan, "median": nan, "q25": nan, "q75": nan, "ci_low": nan, "ci_high": nan, "n": 0, "n_undefined": undefined}
     lo = hi = nan
     if bootstrap > 0:
-        g = torch.Generator().manual_seed(seed)
-        means = v[torch.randint(v.numel(), (bootstrap, v.numel()), generator=g)].mean(1)
-        lo, hi = float(means.quantile((1 - level) / 2)), float(means.quantile(1 - (1 - level) / 2))
+        lo, hi = bootstrap_ci(v, lambda rows: rows.mean(1), samples=bootstrap, level=level, seed=seed)
     return {
         "mean": float(v.mean()), "median": float(v.median()), "q25": float(v.quantile(0.25)), "q75": float(v.quantile(0.75)),
         "ci_low": lo, "ci_high": hi, "n": int(v.numel()), "n_undefined": undefined,
@@ -206,9 +205,9 @@ def invalidation_study(
     labels: Tensor,
     *,
     methods: Sequence[str],
-    attack_steps: int = 450,
-    attack_eps: float = 20.0,
-    attack_momentum: float = 0.9,
+    attack_steps: int = int(PAPER["steps"]),
+    attack_eps: float = PAPER["eps"],
+    attack_momentum: float = PAPER["momentum"],
     attack_clip: bool = True,
     autocast_dtype: torch.dtype | None = None,
     frac: float = 0.2,
@@ -383,9 +382,9 @@ def summarize_invalidation(records: Sequence[Mapping[str, Any]], methods: Sequen
 
 
 def _layer_of(model: nn.Module, layer: nn.Module | str | None, images: Tensor) -> nn.Module:
-    from robustx.explain.attribution import _resolve_layer
+    from robustx.explain.attribution import resolve_layer
 
-    return _resolve_layer(model, layer, images)
+    return resolve_layer(model, layer, images)
 
 
 def _gradcam_forward(
@@ -491,10 +490,8 @@ def _manipulate(model, layer, x, y, clean_cam, *, budget, steps, map_weight, lr,
             loss = loss + map_weight * dist
         (g,) = torch.autograd.grad(loss.sum(), delta)
         with torch.no_grad():
-            delta -= (lr * budget) * g / (1e-12 + rmse(g)).view(-1, 1, 1, 1)
-            delta *= (budget / rmse(delta).clamp(min=1e-12)).clamp(max=1.0).view(-1, 1, 1, 1)
-            if clip:
-                delta.copy_((x + delta).clamp(0, 1) - x)  # only shrinks |delta|: stays inside the ball
+            delta = l2_ball_step(x, delta, -g, alpha=lr * budget, eps=budget, clip=clip)  # the engine's PGD-L2 step, descending
+        delta.requires_grad_(True)
     return best
 
 

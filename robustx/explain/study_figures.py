@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
-import os
+
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
+
+from robustx.explain.figures import save_png
 
 __all__ = ["MAP_COLORBAR_LABEL", "invalidation_grid", "manipulation_plot", "save_figure"]
 
@@ -22,18 +24,8 @@ MAP_COLORBAR_LABEL = "map / max (per image)"
 
 
 def save_figure(fig, png: str | Path, *, dpi: int = 110) -> Path:
-    """Write a matplotlib figure to ``png`` through a temporary file and os.replace (no half-written PNGs); closes it."""
-    import matplotlib.pyplot as plt
-
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(f".{png.stem}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=dpi)
-    finally:
-        plt.close(fig)
-    os.replace(tmp, png)
-    return png
+    """Write a matplotlib figure to ``png`` atomically and close it (:func:`robustx.explain.figures.save_png`)."""
+    return save_png(fig, png, dpi=dpi, close=True)
 
 
 def _rgb(img: Tensor):

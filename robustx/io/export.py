@@ -29,6 +29,7 @@ from torch import nn
 
 from robustx import __version__
 from robustx.models import MODEL_TARGETS, ModelConfigError, build_model
+from robustx.utils import one_line
 
 __all__ = ["ExportError", "save_model", "load_model", "read_metadata", "FORMAT_NAME"]
 
@@ -41,10 +42,6 @@ _RESERVED_KEYS = ("format", "robustx_version", "model_config")
 class ExportError(ValueError):
     """A model file cannot be written or read (missing, corrupt, or describing another model)."""
 
-
-def _one_line(err: BaseException | str) -> str:
-    text = str(err).strip()
-    return " ".join(text.split()) or type(err).__name__
 
 
 def _check_model_config(model_config: Any) -> str:
@@ -63,7 +60,7 @@ def _check_model_config(model_config: Any) -> str:
         return json.dumps(dict(model_config), sort_keys=True)
     except (TypeError, ValueError) as err:
         raise ExportError(
-            f"model_config must be JSON-serializable (lists, numbers, strings): {_one_line(err)}."
+            f"model_config must be JSON-serializable (lists, numbers, strings): {one_line(err)}."
         ) from None
 
 
@@ -80,7 +77,7 @@ def _encode_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
             out[key] = json.dumps(value, sort_keys=True)
         except (TypeError, ValueError) as err:
             raise ExportError(
-                f"metadata[{key!r}] must be JSON-serializable: {_one_line(err)}; convert it to "
+                f"metadata[{key!r}] must be JSON-serializable: {one_line(err)}; convert it to "
                 "lists/numbers/strings first."
             ) from None
     return out
@@ -174,7 +171,7 @@ def _read_header(path: Path) -> tuple[dict[str, str], list[str]]:
             keys = list(f.keys())
     except Exception as err:  # safetensors raises SafetensorError / OSError on bad headers
         raise ExportError(
-            f"'{path}' is not a readable safetensors file ({_one_line(err)}); it may be truncated "
+            f"'{path}' is not a readable safetensors file ({one_line(err)}); it may be truncated "
             "or corrupt: re-export it with robustx.io.export.save_model."
         ) from None
     return dict(raw), keys
@@ -247,7 +244,7 @@ def load_model(
         model = build_model(config)
     except ModelConfigError as err:
         raise ExportError(
-            f"'{path}' describes a model robustx cannot build ({_one_line(err).rstrip('.')}); "
+            f"'{path}' describes a model robustx cannot build ({one_line(err).rstrip('.')}); "
             "only robustx.models.MODEL_TARGETS can be loaded."
         ) from None
 
@@ -265,7 +262,7 @@ def load_model(
             tensors = {k: f.get_tensor(k) for k in keys if k in expected or strict}
     except Exception as err:
         raise ExportError(
-            f"'{path}' has unreadable tensor data ({_one_line(err)}); it may be truncated: "
+            f"'{path}' has unreadable tensor data ({one_line(err)}); it may be truncated: "
             "re-export it with robustx.io.export.save_model."
         ) from None
 
@@ -279,7 +276,7 @@ def load_model(
         model.load_state_dict(tensors, strict=strict)
     except RuntimeError as err:
         raise ExportError(
-            f"'{path}' does not fit {config.get('_target_')} ({_one_line(err)[:300]}); re-export it "
+            f"'{path}' does not fit {config.get('_target_')} ({one_line(err)[:300]}); re-export it "
             "from a model built with its model_config."
         ) from None
     model.to(map_location)

@@ -29,6 +29,7 @@ from torch import nn
 
 from robustx.io.export import save_model
 from robustx.models import ModelConfigError, build_model
+from robustx.utils import one_line
 
 __all__ = [
     "LegacyCheckpointError",
@@ -59,9 +60,6 @@ def _cifar10_preprocess_placeholder(*args: Any, **kwargs: Any) -> None:
     raise _PlaceholderCalled
 
 
-def _one_line(err: BaseException | str) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
 
 def _describe(err: BaseException) -> str:
     text = " ".join(str(err).split())[:200].rstrip(".")
@@ -89,7 +87,7 @@ def _inner_reason(message: str) -> str:
         for p in message.split("\n\n")
         if p.strip() and not p.strip().startswith(("Weights only load failed", "Check the documentation"))
     ]
-    return _one_line(parts[-1] if parts else message)[:200]
+    return one_line(parts[-1] if parts else message)[:200]
 
 
 def _replace_placeholder(obj: Any) -> Any:
@@ -236,13 +234,13 @@ def import_reference_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module
         model = build_model(config)
     except ModelConfigError as err:
         raise LegacyCheckpointError(
-            f"'{path}' describes a network robustx cannot build ({_one_line(err).rstrip('.')})."
+            f"'{path}' describes a network robustx cannot build ({one_line(err).rstrip('.')})."
         ) from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise LegacyCheckpointError(
-            f"'{path}' does not match the paper's PreActResNet layout ({_one_line(err)[:300]})."
+            f"'{path}' does not match the paper's PreActResNet layout ({one_line(err)[:300]})."
         ) from None
     model.eval()
     info = {"source": path.name, "training_options": _json_safe(opts), "model_config": config}

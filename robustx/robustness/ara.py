@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from robustx.attacks import criterion_mask, engine_attack, rmse
-from robustx.compiled import compiled_forward, frozen_parameters
+from robustx.compiled import compiled_forward
+from robustx.stats import bootstrap_ci
+from robustx.utils import frozen_parameters
 
 __all__ = [
     "ara_exact",
@@ -29,6 +31,7 @@ __all__ = [
     "MinimalPerturbation",
     "minimal_perturbation",
     "PROTOCOLS",
+    "PAPER",
     "summarize",
     "evaluate_batch",
 ]
@@ -47,6 +50,8 @@ PROTOCOLS: dict[str, dict[str, float]] = {
     # paper protocol in BENCHMARKS.md.
     "fast": {"steps": 112, "eps": 2.0, "momentum": 0.9, "refine": 10},
 }
+PAPER = PROTOCOLS["paper"]  # the defaults of every search below, the callback and the study
+_ENGINE_CRITERION = {"attack": "l2min", "btr": "btr"}  # ARA mode -> the engine's criterion
 
 
 def _sorted(r: torch.Tensor) -> torch.Tensor:
@@ -106,12 +111,8 @@ def ara_bootstrap_ci(
 ) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of :func:`ara_exact` (resampling images)."""
     r = torch.as_tensor(r, dtype=torch.float64).flatten()
-    g = torch.Generator().manual_seed(seed)
-    n = r.numel()
-    idx = torch.randint(n, (samples, n), generator=g)
-    values = torch.tensor([ara_exact(r[i], num_classes) for i in idx])
-    lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
-    return float(values.quantile(lo)), float(values.quantile(hi))
+    return bootstrap_ci(r, lambda rows: torch.tensor([ara_exact(row, num_classes) for row in rows]),
+                        samples=samples, level=level, seed=seed)
 
 
 def robust_accuracy_at(r: torch.Tensor, eps: float) -> float:
@@ -121,12 +122,14 @@ def robust_accuracy_at(r: torch.Tensor, eps: float) -> float:
 
 
 def passes_criterion(logits: torch.Tensor, labels: torch.Tensor, mode: Mode) -> torch.Tensor:
-    """(B,) bool: does each image still pass (correct for ``attack``, better than random for ``btr``)?"""
-    if mode == "attack":
-        return logits.argmax(1) == labels
-    if mode == "btr":
-        return logits.float().softmax(1).gather(1, labels[:, None])[:, 0] > 1.0 / logits.size(1)
-    raise ValueError(f"Unknown ARA mode '{mode}'; choose 'attack' or 'btr'.")
+    """(B,) bool: does each image still pass (correct for ``attack``, better than random for ``btr``)?
+
+    The ARA names of the engine's criteria (:func:`robustx.attacks.criterion_mask`): ``attack``
+    is ``l2min``, ``btr`` is ``btr``; half-precision logits are compared in fp32, float64 stays float64.
+    """
+    if mode not in _ENGINE_CRITERION:
+        raise ValueError(f"Unknown ARA mode '{mode}'; choose 'attack' or 'btr'.")
+    return criterion_mask(_ENGINE_CRITERION[mode], logits, labels, logits.new_zeros(()), eps=0.0)
 
 
 @dataclass
@@ -146,9 +149,9 @@ def minimal_perturbation(
     labels: torch.Tensor,
     *,
     mode: Mode = "attack",
-    steps: int = 450,
-    eps: float = 20.0,
-    momentum: float = 0.9,
+    steps: int = int(PAPER["steps"]),
+    eps: float = PAPER["eps"],
+    momentum: float = PAPER["momentum"],
     clip: bool = False,
     autocast_dtype: torch.dtype | None = None,
     refine: int = 0,
@@ -334,9 +337,9 @@ def evaluate_batch(
     labels: torch.Tensor,
     *,
     modes: tuple[str, ...] = ("attack", "btr"),
-    steps: int = 450,
-    eps: float = 20.0,
-    momentum: float = 0.9,
+    steps: int = int(PAPER["steps"]),
+    eps: float = PAPER["eps"],
+    momentum: float = PAPER["momentum"],
     clip: bool = False,
     autocast_dtype: torch.dtype | None = None,
     refine: int = 0,

@@ -36,7 +36,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from robustx.compiled import _compile_errors, _first_line
+from robustx.compiled import _compile_errors
+from robustx.utils import one_line
 from robustx.layers import HHRELU_KERNELS, HalfHuberReLU
 
 __all__ = ["bn_double_backward", "FusedBatchNorm2d", "FusedConv2d", "use_fused_double_backprop"]
@@ -125,7 +126,7 @@ class _Kernel:
                 return compiled(*args)
         except _compile_errors() as err:
             cls._unavailable = True
-            log.warning("torch.compile is unavailable here (%s); fused double-backprop kernels run eagerly.", _first_line(err))
+            log.warning("torch.compile is unavailable here (%s); fused double-backprop kernels run eagerly.", one_line(err, limit=300))
             return self.fn(*args)
 
 

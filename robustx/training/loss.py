@@ -17,9 +17,10 @@ from torch import nn
 
 from robustx.training.adaptive import AdaptivePsi
 from robustx.attacks import engine_attack, half_and_half_mask, pgd_l2, trades_adversary
-from robustx.compiled import compiled_forward, frozen_parameters
+from robustx.compiled import compiled_forward
 from robustx.training.double_backprop import use_fused_double_backprop
-from robustx.training.penalty import PENALTY_IMPLS, at_least_fp32, finite_difference_penalty, input_gradient_penalty
+from robustx.training.penalty import PENALTY_IMPLS, finite_difference_penalty, input_gradient_penalty
+from robustx.utils import at_least_fp32, frozen_parameters, model_mode
 
 __all__ = ["AdversarialConfig", "MethodConfig", "make_adversarial", "training_loss", "StepOutput"]
 
@@ -78,12 +79,13 @@ class MethodConfig:
     penalty: bool = False
     z: float = 2.0
     zeta: float = 0.2
-    psi0: float = 220.0
-    k: float = 0.02
-    l_target: float = 1.5
-    eps_better: float = 1.0
-    eps_worse: float = 0.01
-    adaptive: bool = True
+    # The controller's settings; their defaults (the paper's) live in AdaptivePsi.
+    psi0: float = AdaptivePsi.psi0
+    k: float = AdaptivePsi.k
+    l_target: float = AdaptivePsi.l_target
+    eps_better: float = AdaptivePsi.eps_better
+    eps_worse: float = AdaptivePsi.eps_worse
+    adaptive: bool = AdaptivePsi.adaptive
     # How the penalty's parameter gradient is computed: the paper's double backprop (exact; with
     # "double_backprop_fused" through fused compiled kernels, the same gradient, faster), or a
     # finite difference along dP/dg (one extra forward/backward instead; not in the paper).
@@ -133,19 +135,6 @@ class MethodConfig:
         )
 
 
-class _bn_mode:
-    """Context: put the model in train or eval mode for the attack, then restore it."""
-
-    def __init__(self, model: nn.Module, mode: str) -> None:
-        self.model, self.mode, self.was = model, mode, model.training
-
-    def __enter__(self) -> None:
-        self.model.train(self.mode == "train")
-
-    def __exit__(self, *exc: object) -> None:
-        self.model.train(self.was)
-
-
 def _attack_forward(model: nn.Module, cfg: AdversarialConfig):
     """(the attack's forward, the context to run it in): compiled with frozen parameters when ``cfg.compile``.
 
@@ -179,7 +168,7 @@ def make_adversarial(
             adv[idx] = make_adversarial(model, images[idx], labels[idx], sub, generator=generator)
         return adv
     net, frozen = _attack_forward(model, cfg)
-    with _bn_mode(model, cfg.bn_mode), frozen:
+    with model_mode(model, train=cfg.bn_mode == "train"), frozen:
         if cfg.kind in ("l2", "l2min"):
             return engine_attack(
                 net,
@@ -261,7 +250,7 @@ def training_loss(
     loss = ce
     if adv_cfg.kind == "trades":
         net, frozen = _attack_forward(model, adv_cfg)
-        with _bn_mode(model, adv_cfg.bn_mode), frozen:
+        with model_mode(model, train=adv_cfg.bn_mode == "train"), frozen:
             x_adv = trades_adversary(
                 net, images, eps=adv_cfg.eps, steps=adv_cfg.steps, step_size=adv_cfg.step_size, generator=generator
             )

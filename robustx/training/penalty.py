@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from robustx.utils import at_least_fp32, draw_device
+
 __all__ = ["select_outputs", "input_gradient_penalty", "finite_difference_penalty", "PENALTY_IMPLS"]
 
 #: ``double_backprop``: the paper's exact gradient of the penalty; ``double_backprop_fused``: the
@@ -37,18 +39,6 @@ def select_outputs(
     if not 0.0 <= zeta <= 1.0:
         raise ValueError(f"zeta must be in [0, 1], got {zeta}; the paper uses 0.2.")
     return _apply_selection(logits, labels, _selection(logits, labels, zeta=zeta, generator=generator))
-
-
-def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in float32 if it is a half type (losses under mixed precision), else unchanged: float64
-    stays float64 (``.float()`` would round float64 checks to float32)."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-def draw_device(generator: torch.Generator | None, default: torch.device) -> torch.device:
-    """Where to draw random numbers: on ``generator``'s device if one is given (a CPU generator
-    then drives a CUDA run too, the draws moved after), else on ``default``."""
-    return default if generator is None else generator.device
 
 
 def _selection(logits: torch.Tensor, labels: torch.Tensor, *, zeta: float, generator: torch.Generator | None):
