@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -43,7 +42,7 @@ from robustx.explain.invalidation import (
     summarize_manipulation,
     summarize_values,
 )
-from robustx.io.files import atomic_write
+from robustx.io.files import atomic_path, atomic_write
 from robustx.robustness.ara import PROTOCOLS
 
 from jobs.loading import checkpoint_paths, load_classifier, output_stems, versions
@@ -228,7 +227,7 @@ def _manip_tag(s: dict[str, Any]) -> str:
 
 
 def _save_json(path: Path | None, rec: dict[str, Any]) -> None:
-    """Write a cache file atomically (a temporary file per process, then os.replace)."""
+    """Write a cache file atomically (robustx.io.files)."""
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -255,10 +254,8 @@ def _save_tensors(path: Path | None, tensors: dict[str, torch.Tensor]) -> None:
 
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 def _load_tensors(path: Path, n: int) -> dict[str, torch.Tensor] | None:
@@ -523,12 +520,10 @@ def _fmt(stats: dict[str, Any] | None, digits: int = 3) -> str:
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(header)
         w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -684,7 +679,7 @@ def run_study(cfg: DictConfig) -> list[dict[str, Any]]:
     """
     from robustx.explain.study_figures import manipulation_plot
 
-    from jobs.evaluate import _cache_key
+    from jobs.evaluate import cache_key
 
     paths = checkpoint_paths(cfg.ckpt)
     names = output_stems(paths)
@@ -718,7 +713,7 @@ def run_study(cfg: DictConfig) -> list[dict[str, Any]]:
         for i, (p, name) in enumerate(zip(paths, names)):
             cache_dir = None
             if cfg.get("cache", True):
-                cache_dir = Path(cfg.paths.log_dir) / "study_cache" / _cache_key(p, _cache_settings(settings), data_info)
+                cache_dir = Path(cfg.paths.log_dir) / "study_cache" / cache_key(p, _cache_settings(settings), data_info)
                 log.info("%s: per-batch results cached in %s (a killed study resumes from there)", name, cache_dir)
             extra = {"settings": settings, "data": data_info, "versions": versions()}
 
