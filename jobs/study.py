@@ -3,7 +3,7 @@
 Per checkpoint, on the same fixed-seed test images: :func:`robustx.explain.invalidation.invalidation_study`
 (minimal perturbation, then every method's maps before and after), deletion/insertion AUC
 (:mod:`robustx.explain.faithfulness`) of every method's clean map of the true class (the same maps the
-study computed) and :func:`robustx.explain.invalidation.manipulation_attack`. Writes ``<name>.json``
+study computed) and :func:`robustx.explain.manipulation.manipulation_attack`. Writes ``<name>.json``
 per checkpoint (names from :func:`~jobs.loading.output_stems`: distinct even when
 two checkpoints share a file name), ``invalidation``, ``manipulation`` and ``faithfulness``
 tables (``.md`` and ``.csv``, networks side by side) and figures into the run directory.
@@ -33,17 +33,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from robustx.explain.attribution import METHODS
 from robustx.explain.faithfulness import deletion_auc, insertion_auc, random_maps
-from robustx.explain.invalidation import (
-    INVALIDATION_METRICS,
-    MANIPULATION_METRICS,
-    invalidation_study,
-    manipulation_attack,
-    summarize_invalidation,
-    summarize_manipulation,
-    summarize_values,
-)
+from robustx.explain.invalidation import INVALIDATION_METRICS, invalidation_study, summarize_invalidation
+from robustx.explain.manipulation import MANIPULATION_METRICS, manipulation_attack, summarize_manipulation
 from robustx.io.files import atomic_path, atomic_write
 from robustx.robustness.ara import PROTOCOLS
+from robustx.stats import summarize_values
 
 from jobs.loading import checkpoint_paths, load_classifier, output_stems, versions
 from jobs.progress import WorkProgress, format_duration

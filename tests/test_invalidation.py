@@ -7,18 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from robustx.explain.attribution import attribution_maps, find_gradcam_layer
-from robustx.explain.invalidation import (
-    differentiable_gradcam,
-    energy_in_top,
-    invalidation_study,
-    manipulation_attack,
-    spearman,
-    summarize_invalidation,
-    summarize_values,
-    top_mask,
-    top_overlap,
-    top_weights,
-)
+from robustx.explain.invalidation import invalidation_study, summarize_invalidation
+from robustx.explain.manipulation import differentiable_gradcam, manipulation_attack
+from robustx.explain.maps import energy_in_top, spearman, top_mask, top_overlap, top_weights
+from robustx.stats import summarize_values
 from robustx.models import PreActResNet, SmallCNN
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

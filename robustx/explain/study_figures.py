@@ -117,7 +117,7 @@ def manipulation_plot(png: str | Path, rows_by_network: Mapping[str, Sequence[Ma
 
     Args:
         png: output path.
-        rows_by_network: {network: rows of :func:`robustx.explain.invalidation.summarize_manipulation`}.
+        rows_by_network: {network: rows of :func:`robustx.explain.manipulation.summarize_manipulation`}.
         metric: similarity metric on the left panel.
     """
     import matplotlib
