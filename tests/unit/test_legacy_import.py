@@ -2,7 +2,6 @@ import io
 import os
 import sys
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +19,8 @@ from robustx.io.legacy import (
 )
 from robustx.models import PreActResNet
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from tests.paths import SHARED
+
 CKPT_DIR = SHARED / "reference-checkpoints"
 CIFAR_TEST = SHARED / "datasets" / "cifar10-jpeg" / "test.tar.gz"
 NAMES = ["resnet44-standard", "resnet44-adv-train", "resnet44-robust", "resnet44-all"]

@@ -18,8 +18,8 @@ import torch
 from robustx.io.export import save_model
 from robustx.models import SmallCNN
 
-ROOT = Path(__file__).resolve().parents[1]
-FMNIST = ROOT.parent / "shared" / "datasets" / "fashion-mnist"
+from tests.paths import FMNIST, ROOT
+
 pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason=f"needs {FMNIST}")
 
 CHEAP = [

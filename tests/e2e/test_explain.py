@@ -16,17 +16,14 @@ from PIL import Image
 from robustx.io.export import save_model
 from robustx.models import SmallCNN
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.paths import ROOT
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, oversubscribed OpenMP threads are much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test of this file on one thread (conftest.one_thread)."""
 
 
 def _export(path: Path, *, in_channels: int) -> Path:

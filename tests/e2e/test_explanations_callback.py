@@ -16,7 +16,8 @@ from callbacks.adversarial_explanations import AdversarialExplanations
 from datamodules.tensor_dataset import UInt8ImageDataset
 from robustx.models import SmallCNN
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.paths import ROOT
+
 NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
 
 

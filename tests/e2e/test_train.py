@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-FMNIST = ROOT.parent / "shared" / "datasets" / "fashion-mnist"
+from tests.paths import CONF, FMNIST, ROOT
+
 pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason=f"needs {FMNIST}")
 
 SMALL = [
@@ -145,17 +145,40 @@ def test_resume_continues_where_it_stopped(tmp_path):
     assert sa["psi_integral"] == pytest.approx(sb["psi_integral"], rel=1e-9)
 
 
-@pytest.mark.parametrize(
-    "override, message",
-    [
-        ("method.z=0", "method.z must be > 0"),
-        ("method.adversarial.eps=-1", "adversarial eps must be >= 0"),
-        ("+method.lambda=3", "Unknown method option"),
-        ("ckpt_path=/nonexistent/last.ckpt", "does not exist"),
-        ("data.root=/nonexistent", "Fashion-MNIST not found"),
-    ],
-)
-def test_user_errors_are_one_line(tmp_path, override, message):
+USER_ERRORS = [
+    ("method.z=0", "method.z must be > 0"),
+    ("method.adversarial.eps=-1", "adversarial eps must be >= 0"),
+    ("+method.lambda=3", "Unknown method option"),
+    ("ckpt_path=/nonexistent/last.ckpt", "does not exist"),
+    ("data.root=/nonexistent", "Fashion-MNIST not found"),
+]
+
+
+@pytest.mark.parametrize("override, message", USER_ERRORS[:-1])  # the last one needs the whole job: through the CLI below
+def test_user_errors_are_one_line_in_process(tmp_path, override, message):
+    """The job raises a user error (which jobs.cli.run_job turns into one log line, exit 2) with a one-line message."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from jobs.cli import USER_ERRORS as CLI_USER_ERRORS
+    from jobs.train import train
+
+    overrides = ["+experiment=demo", "logger=csv", *SMALL, f"paths.output_dir={tmp_path / 'run'}", override]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        with pytest.raises(CLI_USER_ERRORS) as err:
+            train(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert message in str(err.value)
+    assert "\n" not in str(err.value).strip()
+
+
+def test_user_error_cli_one_line_exit_2_no_run_folder(tmp_path):
+    """One case through the CLI: one line, exit code 2, no traceback, no run folder left behind."""
+    override, message = USER_ERRORS[-1]
     args = ["+experiment=demo", "logger=csv", *SMALL, override]
     proc = run_train(tmp_path, *args, check=False)
     out = proc.stdout + proc.stderr

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,10 +18,8 @@ from omegaconf import OmegaConf
 
 from robustx.training.loss import MethodConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-FMNIST = ROOT.parent / "shared" / "datasets" / "fashion-mnist"
-from jobs import summarize_runs  # noqa: E402
+from jobs import summarize_runs
+from tests.paths import CONF, FMNIST, ROOT
 
 
 def _compose(overrides):

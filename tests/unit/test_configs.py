@@ -1,6 +1,5 @@
 """Every experiment and group option composes and builds its model and method."""
 
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -9,7 +8,8 @@ from omegaconf import OmegaConf
 from robustx.models import build_model
 from robustx.training.loss import MethodConfig
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from tests.paths import CONF
+
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 

@@ -27,8 +27,8 @@ from datamodules import fashion_mnist as fmnist_mod
 from datamodules.cifar10 import CIFAR10_CLASSES
 from datamodules.tensor_dataset import PadCropFlip
 
-DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
-FMNIST = DATASETS / "fashion-mnist"
+from tests.paths import DATASETS, FMNIST
+
 CIFAR_JPEG = DATASETS / "cifar10-jpeg"
 FMNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 

@@ -15,9 +15,8 @@ import torch
 from robustx.io.export import save_model
 from robustx.models import SmallCNN
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-FMNIST = SHARED / "datasets" / "fashion-mnist"
+from tests.paths import FMNIST, ROOT, SHARED
+
 pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason=f"needs {FMNIST}")
 
 CHEAP = [
@@ -131,18 +130,28 @@ def test_auto_fast_path_resolves_per_device_and_agrees_with_fp32(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("ckpt=/nonexistent.safetensors", "does not exist"),
         ("ara.protocol=bogus", "unknown ara.protocol"),
         ("ara.steps=0", "must be > 0"),
         ("ara.bf16=maybe", "ara.bf16 must be true, false or auto"),
     ],
 )
-def test_eval_user_errors(tmp_path, override, message):
-    a = _export(tmp_path / "a.safetensors", 0)
-    args = [f"ckpt={a}", *CHEAP, override]
-    proc = run_eval(tmp_path, *args, check=False)
+def test_eval_user_errors_in_process(override, message):
+    """Bad ara.* settings raise a one-line ValueError (jobs.cli.run_job: one log line, exit 2)."""
+    from hydra import compose, initialize_config_dir
+
+    from jobs.evaluate import ara_settings
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("eval", overrides=["ckpt=unused.safetensors", *CHEAP, override])
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")) as err:
+        ara_settings(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_eval_user_error_cli_exits_2_with_one_line(tmp_path):
+    proc = run_eval(tmp_path, "ckpt=/nonexistent.safetensors", *CHEAP, check=False)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 2 and message in out and "Traceback" not in out, out[-1500:]
+    assert proc.returncode == 2 and "does not exist" in out and "Traceback" not in out, out[-1500:]
 
 
 REF = SHARED / "reference-checkpoints"
