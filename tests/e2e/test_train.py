@@ -45,6 +45,15 @@ def run_dirs(tmp_path: Path, kind: str = "runs") -> list[Path]:
     return sorted(p.parent for p in (tmp_path / "logs").glob(f"train/{kind}/**/.hydra"))
 
 
+def test_logger_none_trains_and_writes_metrics(tmp_path):
+    """logger=none works with the default callbacks (LearningRateMonitor refuses a Trainer without logger: it is left out)."""
+    run_train(tmp_path, "+experiment=demo", "logger=none", "trainer.max_epochs=1", "test=false", *SMALL, "data.limit_train=256")
+    (run,) = run_dirs(tmp_path)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "val/acc" in metrics["metrics"] and metrics["metrics"]["lr-SGD"] > 0, metrics["metrics"]
+    assert (run / "model.safetensors").is_file()
+
+
 def test_demo_smoke_with_wandb_offline(tmp_path):
     proc = run_train(tmp_path, "+experiment=demo", "trainer.max_epochs=1", *SMALL, "data.limit_train=2048", env={"WANDB_MODE": ""})
     out = proc.stdout + proc.stderr
