@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from robustx.io.files import atomic_path
 from robustx.utils import one_line
 
 from .base import DataError
@@ -128,15 +129,8 @@ def save_arrays(folder: Path, split: str, signature: str, x: np.ndarray, y: np.n
     folder.mkdir(parents=True, exist_ok=True)
 
     def _atomic(name: str, write) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache may be shared
-            os.replace(tmp, folder / name)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(folder / name) as tmp, tmp.open("wb") as f:  # 0644: a cache may be shared
+            write(f)
 
     _atomic(f"{split}_x.npy", lambda f: np.save(f, x, allow_pickle=False))
     _atomic(f"{split}_y.npy", lambda f: np.save(f, y, allow_pickle=False))

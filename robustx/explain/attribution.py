@@ -154,7 +154,7 @@ def _lime_model(num_features: int, device: torch.device | str = "cpu"):
     stop far from the least-squares solution, so the learning rate is set to 1 / (largest
     curvature) of LIME's design (S Bernoulli(0.5) features plus a bias: about S / 4 + 1.5) and
     the epochs to 10 (S + 6), enough for the slowest direction (curvature about 1/4); checked
-    against a linear model, whose LIME weights are known exactly (tests/test_attribution.py).
+    against a linear model, whose LIME weights are known exactly (tests/unit/test_attribution.py).
     The surrogate lives on ``device``, where captum puts LIME's samples (the images' device):
     captum builds its linear layer on the CPU and its ``device`` option moves only the data.
     """

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -29,6 +28,7 @@ from torch import nn
 
 from robustx import __version__
 from robustx.models import MODEL_TARGETS, ModelConfigError, build_model
+from robustx.io.files import atomic_path
 from robustx.utils import one_line
 
 __all__ = ["ExportError", "save_model", "load_model", "read_metadata", "FORMAT_NAME"]
@@ -138,21 +138,10 @@ def save_model(
         **_encode_metadata(metadata),
     }
     tensors = _cpu_tensors(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp_name, metadata=header)
-        with open(tmp_name, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp_name, _file_mode(path))
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_path(path, mode=_file_mode(path)) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())  # the weights are on disk before the rename publishes them
     logger.info("saved %d tensors to %s", len(tensors), path)
     return path
 

@@ -8,7 +8,7 @@ the step), the half-Huber ReLU's as seven more, and a convolution's got its weig
 convolution whose kernel is the whole feature map (~15%). Here each is written out analytically:
 BatchNorm's and the activation's compiled with ``torch.compile`` into one or two fused kernels,
 the convolution's from ``conv(v, W)`` and the weight-gradient kernel. The arithmetic is the same
-derivative (tests/test_double_backprop.py compares it with autograd's to float64 rounding).
+derivative (tests/unit/test_double_backprop.py compares it with autograd's to float64 rounding).
 
 :func:`use_fused_double_backprop` switches a model over in place (``method.penalty_impl=
 double_backprop_fused``): ``nn.BatchNorm2d`` -> :class:`FusedBatchNorm2d`, ``nn.Conv2d`` ->
