@@ -21,9 +21,7 @@ from tests.paths import ROOT
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Every test of this file on one thread (conftest.one_thread)."""
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _export(path: Path, *, in_channels: int) -> Path:

@@ -11,13 +11,7 @@ from robustx.io.export import ExportError, load_model, read_metadata, save_model
 from robustx.models import PreActResNet, SmallCNN
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, oversubscribed OpenMP threads are ~5x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _perturb_buffers(model):

@@ -29,13 +29,7 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 PER_CLASS = 50
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, oversubscribed OpenMP threads are ~5x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 needs_ckpts = pytest.mark.skipif(not CKPT_DIR.is_dir(), reason=f"reference checkpoints not found at {CKPT_DIR}")
 
