@@ -7,7 +7,7 @@
 # ../shared). Each step has its own time limit and log in OUT; a failing step does not stop
 # the others, and the script exits non-zero if any failed. Run folders go to RUNS
 # (default /tmp/gpu_check_runs); their JSON, CSV, YAML and PNG files end up in OUT/results.tgz.
-#   tests: tests/test_cuda.py (the core on CUDA against the CPU, float64)
+#   tests: tests/unit/test_cuda.py (the core on CUDA against the CPU, float64)
 #   bench: bench/bench_train_step.py --device cuda (resnet44, batch 128; TF32 off)
 #   train: train.py +experiment=cifar10_all on trainer=gpu, one short epoch with the ARA callback
 #          (the final paper-protocol ARA on 200 images); train_bf16: the same in bf16-mixed
@@ -37,7 +37,7 @@ step() {  # step NAME SECONDS CMD...
 nvidia-smi -L
 "$PY" -c 'import torch, pytorch_lightning as pl; print("torch", torch.__version__, "lightning", pl.__version__, torch.cuda.get_device_name(0))'
 
-step tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_cuda.py
 R=$DATA/reference-checkpoints
 # cache=true (the default): a killed eval resumes from its finished batches on the same machine.
 step eval 300 "$PY" eval.py device=cuda "ckpt=[$R/resnet44-standard.pt,$R/resnet44-adv-train.pt,$R/resnet44-robust.pt,$R/resnet44-all.pt]" \

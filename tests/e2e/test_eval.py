@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -15,9 +14,10 @@ import torch
 from robustx.io.export import save_model
 from robustx.models import SmallCNN
 
-from tests.paths import FMNIST, ROOT, SHARED
+from tests.helpers import PNG_MAGIC, needs_fmnist, run_script
+from tests.paths import CONF, DATASETS, FMNIST, REFERENCE_CHECKPOINTS
 
-pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason=f"needs {FMNIST}")
+pytestmark = needs_fmnist
 
 CHEAP = [
     "data=fashion_mnist",
@@ -36,12 +36,7 @@ CHEAP = [
 
 
 def run_eval(tmp_path: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ROBUSTX_ROOT": str(tmp_path)}
-    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), *overrides], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"eval.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
-    return proc
+    return run_script("eval.py", tmp_path, *overrides, check=check)
 
 
 def _export(path: Path, seed: int) -> Path:
@@ -78,7 +73,7 @@ def test_eval_json_png_resume_and_several_checkpoints(tmp_path):
     assert res["ensemble"]["ara"] <= res["attack"]["ara"] + 1e-12
     assert res["settings"]["steps"] == 12 and res["versions"]["torch"] == torch.__version__
     for f in ("runA_model.png", "runB_model.png", "curves.png"):
-        assert (tmp_path / "out1" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (tmp_path / "out1" / f).read_bytes()[:8] == PNG_MAGIC
     # A second run over the same images resumes every batch from the cache, with identical results.
     proc = run_eval(tmp_path, f"ckpt={a}", *CHEAP, "hydra.run.dir=out2")
     assert "resumed 2 of 2 batches" in proc.stdout + proc.stderr
@@ -135,17 +130,21 @@ def test_auto_fast_path_resolves_per_device_and_agrees_with_fp32(tmp_path):
         ("ara.bf16=maybe", "ara.bf16 must be true, false or auto"),
     ],
 )
-def test_eval_user_errors_in_process(override, message):
-    """Bad ara.* settings raise a one-line ValueError (jobs.cli.run_job: one log line, exit 2)."""
+def test_eval_user_errors_in_process(tmp_path, override, message):
+    """Bad ara.* settings: the eval job raises a one-line ValueError (jobs.cli.run_job: one log line, exit 2)."""
     from hydra import compose, initialize_config_dir
 
-    from jobs.evaluate import ara_settings
+    from jobs.cli import USER_ERRORS
+    from jobs.evaluate import evaluate
 
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        cfg = compose("eval", overrides=["ckpt=unused.safetensors", *CHEAP, override])
+    a = _export(tmp_path / "a.safetensors", 0)
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("eval", overrides=[f"ckpt={a}", *CHEAP, override, f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'out'}"])
     with pytest.raises(ValueError, match=message.replace(".", r"\.")) as err:
-        ara_settings(cfg)
+        evaluate(cfg)
+    assert isinstance(err.value, USER_ERRORS)
     assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()  # refused before any output
 
 
 def test_eval_user_error_cli_exits_2_with_one_line(tmp_path):
@@ -154,7 +153,7 @@ def test_eval_user_error_cli_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2 and "does not exist" in out and "Traceback" not in out, out[-1500:]
 
 
-REF = SHARED / "reference-checkpoints"
+REF = REFERENCE_CHECKPOINTS
 
 
 @pytest.mark.slow
@@ -163,7 +162,7 @@ def test_reference_networks_rank_as_expected(tmp_path):
     names = ["resnet44-standard", "resnet44-adv-train", "resnet44-robust"]
     ckpts = ",".join(str(REF / f"{n}.pt") for n in names)
     run_eval(
-        tmp_path, f"ckpt=[{ckpts}]", f"data.root={SHARED / 'datasets' / 'cifar10-jpeg'}", "ara.protocol=cheap",
+        tmp_path, f"ckpt=[{ckpts}]", f"data.root={DATASETS / 'cifar10-jpeg'}", "ara.protocol=cheap",
         "ara.num_images=40", "ara.batch_size=40", "ara.bootstrap=0", "ara.modes=[btr]", "cross_check.attacks=[]", "hydra.run.dir=out",
     )
     ara = {n: json.loads((tmp_path / "out" / f"{n}.json").read_text())["btr"]["ara"] for n in names}
@@ -173,14 +172,9 @@ def test_reference_networks_rank_as_expected(tmp_path):
 def test_eval_torchrun_two_ranks_equals_one_process(tmp_path):
     a = _export(tmp_path / "a.safetensors", 0)
     run_eval(tmp_path, f"ckpt={a}", *CHEAP, "hydra.run.dir=single", "paths.log_dir=logs_single")
-    env = {**os.environ, "ROBUSTX_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
     torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node=2", str(ROOT / "eval.py"), f"ckpt={a}", *CHEAP,
-         "hydra.run.dir=multi", "paths.log_dir=logs_multi"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_script("eval.py", tmp_path, f"ckpt={a}", *CHEAP, "hydra.run.dir=multi", "paths.log_dir=logs_multi", env={"OMP_NUM_THREADS": "1"},
+               launcher=[str(torchrun), "--standalone", "--nproc_per_node=2"])
     one = json.loads((tmp_path / "single" / "a.json").read_text())
     two = json.loads((tmp_path / "multi" / "a.json").read_text())
     assert two["ids"] == one["ids"]
@@ -188,19 +182,3 @@ def test_eval_torchrun_two_ranks_equals_one_process(tmp_path):
         assert two[mode]["r"] == pytest.approx(one[mode]["r"], rel=1e-5, abs=1e-7)
     # each rank computed its own batches
     assert len(list((tmp_path / "logs_multi" / "eval_cache").glob("*/batch_*_attack.json"))) == 2
-
-
-def test_curve_titles_name_the_protocol_and_labels_the_output_names(tmp_path, monkeypatch):
-    import matplotlib.pyplot as plt
-
-    from jobs.evaluate import plot_curves
-
-    figs = []
-    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
-    res = [{"checkpoint": f"/x/{d}/model.safetensors", "name": f"{d}_model", "num_classes": 10, "settings": {"protocol": "cheap"},
-            "attack": {"r": [0.0, 0.01, 0.02], "ara": 0.01}, "btr": {"r": [0.0, 0.02, 0.03], "ara": 0.02}} for d in ("runA", "runB")]
-    plot_curves(res, tmp_path / "curves.png", ["attack", "btr"])
-    (fig,) = figs
-    assert [ax.get_title() for ax in fig.axes] == ["Attack (cheap search)", "BTR (cheap search)"]
-    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert labels[:2] == ["runA_model (ARA 0.0100)", "runB_model (ARA 0.0100)"]

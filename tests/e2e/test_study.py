@@ -6,10 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,9 +16,10 @@ import torch
 from robustx.io.export import save_model
 from robustx.models import SmallCNN
 
-from tests.paths import FMNIST, ROOT
+from tests.helpers import PNG_MAGIC, needs_fmnist, run_script
+from tests.paths import CONF, FMNIST
 
-pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason=f"needs {FMNIST}")
+pytestmark = needs_fmnist
 
 CHEAP = [
     "data=fashion_mnist", f"data.root={FMNIST}", "study.num_images=12", "study.batch_size=8", "study.bootstrap=20",
@@ -31,12 +30,7 @@ CHEAP = [
 
 
 def run_study(tmp_path: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ROBUSTX_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "study.py"), *overrides], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"study.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
-    return proc
+    return run_script("study.py", tmp_path, *overrides, env={"OMP_NUM_THREADS": "1"}, check=check)
 
 
 def _export(path: Path, seed: int) -> Path:
@@ -90,7 +84,7 @@ def test_study_writes_json_tables_and_figures(tmp_path):
         assert len(rows) > 1 and any(h.startswith("a_") for h in rows[0]) and any(h.startswith("b_") for h in rows[0])
     inv = list(csv.DictReader((out / "invalidation.csv").open()))
     assert {r["method"] for r in inv} == {"ae", "gradcam", "saliency"}
-    assert (out / "manipulation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "manipulation.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_study_user_error_exits_2_with_one_line(tmp_path):
@@ -109,15 +103,22 @@ def test_study_user_error_exits_2_with_one_line(tmp_path):
         ("manipulation.num_images=0", "manipulation.num_images must be"),
     ],
 )
-def test_study_settings_errors(override, message):
+def test_study_settings_errors(tmp_path, override, message):
+    """Bad settings: the study job raises a one-line ValueError (jobs.cli.run_job: one log line, exit 2) before any work."""
     from hydra import compose, initialize_config_dir
 
-    from jobs.study import _settings
+    from jobs.cli import USER_ERRORS
+    from jobs.study import run_study as job
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="study", overrides=["ckpt=x.pt", override])
-    with pytest.raises(ValueError, match=message):
-        _settings(cfg)
+    (tmp_path / "x.pt").write_bytes(b"")  # an existing path: the settings are checked before the checkpoint is read
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="study", overrides=[f"ckpt={tmp_path / 'x.pt'}", override, f"paths.root_dir={tmp_path}",
+                                                      f"paths.output_dir={tmp_path / 'out'}"])
+    with pytest.raises(ValueError, match=message) as err:
+        job(cfg)
+    assert isinstance(err.value, USER_ERRORS)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
 
 
 # --- incremental outputs, resume, output names, estimate (in-process: seconds each) ------------
@@ -144,7 +145,7 @@ def study_in_process(root: Path, out: Path, *overrides: str) -> list[dict]:
 
     from jobs.study import run_study as job
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="study", overrides=[*overrides, f"paths.root_dir={root}", f"paths.output_dir={out}"])
     torch.set_num_threads(1)
     return job(cfg)

@@ -4,17 +4,16 @@ DDP simulation, multirun, resume and user errors."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.paths import CONF, FMNIST, ROOT
+from tests.helpers import needs_fmnist, run_script
+from tests.paths import CONF, FMNIST
 
-pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason=f"needs {FMNIST}")
+pytestmark = needs_fmnist
 
 SMALL = [
     f"data.root={FMNIST}",
@@ -26,19 +25,7 @@ SMALL = [
 
 
 def run_train(tmp_path: Path, *overrides: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    e = {**os.environ, "ROBUSTX_ROOT": str(tmp_path), "WANDB_SILENT": "true", **(env or {})}
-    e.pop("WANDB_API_KEY", None)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *overrides],
-        cwd=tmp_path,
-        env=e,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+    return run_script("train.py", tmp_path, *overrides, env={"WANDB_SILENT": "true", **(env or {})}, check=check)
 
 
 def run_dirs(tmp_path: Path, kind: str = "runs") -> list[Path]:
@@ -131,7 +118,7 @@ def test_resume_continues_where_it_stopped(tmp_path):
     proc = run_train(tmp_path, *common, f"hydra.run.dir={ref}", check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "Traceback" not in out, out[-2000:]
-    assert f"already holds an earlier run" in out and f"ckpt_path={ref / 'checkpoints' / 'last.ckpt'}" in out
+    assert "already holds an earlier run" in out and f"ckpt_path={ref / 'checkpoints' / 'last.ckpt'}" in out
     assert (ref / "metrics.json").read_bytes() == before and run_dirs(tmp_path) == [ref]
     run_train(tmp_path, *common, f"ckpt_path={ckpt}")
     (resumed,) = [r for r in run_dirs(tmp_path) if r != ref]

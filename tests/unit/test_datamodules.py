@@ -27,25 +27,18 @@ from datamodules import fashion_mnist as fmnist_mod
 from datamodules.cifar10 import CIFAR10_CLASSES
 from datamodules.tensor_dataset import PadCropFlip
 
+from tests.helpers import FMNIST_FILES, needs_fmnist
 from tests.paths import DATASETS, FMNIST
 
 CIFAR_JPEG = DATASETS / "cifar10-jpeg"
-FMNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
-needs_fmnist = pytest.mark.skipif(
-    not all((FMNIST / f"{f}.gz").is_file() for f in FMNIST_FILES), reason=f"Fashion-MNIST IDX files not found in {FMNIST}"
-)
 needs_cifar = pytest.mark.skipif(
     not ((CIFAR_JPEG / "train.tar.gz").is_file() and (CIFAR_JPEG / "test.tar.gz").is_file()),
     reason=f"CIFAR-10 JPEG tarballs not found in {CIFAR_JPEG}",
 )
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch, tmp_path):
-    """No test touches the user's cache or depends on a global Lightning seed."""
-    monkeypatch.setenv("ROBUSTX_CACHE", str(tmp_path / "robustx-cache"))
-    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+pytestmark = pytest.mark.usefixtures("isolated_data")  # conftest.py: own dataset cache, no global Lightning seed
 
 
 def _all(loader) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,37 +175,6 @@ def test_fmnist_failed_download_leaves_nothing(tmp_path, monkeypatch):
         FashionMNISTDataModule(root=str(tmp_path / "new" / "fmnist")).setup("test")
     assert "a download to" in _assert_one_line(err)
     assert not (tmp_path / "new").exists()
-
-
-@needs_fmnist
-def test_fmnist_in_lightning_trainer(tmp_path):
-    import pytorch_lightning as pl
-
-    class Linear(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = torch.nn.Linear(784, 10)
-
-        def training_step(self, batch, _):
-            x, y = batch
-            return torch.nn.functional.cross_entropy(self.net(x.flatten(1)), y)
-
-        def validation_step(self, batch, _):
-            x, y = batch
-            self.log("val_loss", torch.nn.functional.cross_entropy(self.net(x.flatten(1)), y))
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    pl.seed_everything(0)
-    dm = FashionMNISTDataModule(root=str(FMNIST), limit_train=256, limit_val=128, batch_size=64, num_workers=1)
-    trainer = pl.Trainer(
-        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-    )
-    trainer.fit(Linear(), datamodule=dm)
-    assert trainer.global_step == 8 and "val_loss" in trainer.callback_metrics
-    assert dm.train_dataloader().persistent_workers
 
 
 def test_option_validation(tmp_path):
