@@ -11,6 +11,8 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from robustx.utils import model_mode
+
 log = logging.getLogger(__name__)
 
 DEFAULT_BASELINES = ("gradcam", "integrated_gradients", "saliency", "smoothgrad", "lime")
@@ -153,31 +155,26 @@ class AdversarialExplanations(pl.Callback):
         model = getattr(pl_module, "model", pl_module)
         channels_last = bool(getattr(getattr(pl_module, "hparams", None), "channels_last", False))
         x, y = x.to(device), y.to(device)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.inference_mode(False), torch.enable_grad():
-                with torch.no_grad():
-                    probs = model(x).float().softmax(1)  # (N, num_classes)
-                num_classes = probs.size(1)
-                names = self._class_names(trainer, num_classes)
-                labels = y if self.use_labels else None
-                res = adversarial_explanations(
-                    model, x, labels, targets=self.targets, rho=self.rho, steps=self.steps, overshoot=self.overshoot,
-                    autocast_dtype=torch.bfloat16 if self.bf16 else None, channels_last=channels_last, compile=self.compile,
-                    class_names=names, all_skips_listed=True,
-                )
-                kinds = res.kinds  # (N, K); the non-"all" columns sit at the same index in every row
-                explained = y if self.use_labels else res.pred_before  # (N,)
-                maps: dict[str, Tensor] = {}
-                if self.baselines:
-                    if "true" in kinds[0]:
-                        j = kinds[0].index("true")
-                        maps["ae"] = (res.images[:, j] - x).float().pow(2).mean(1).sqrt()  # (N, H, W)
-                    for m in self.baselines:
-                        maps[m] = attribution_maps(model, x, explained, method=m, rho=self.rho, ae_steps=self.steps)  # (N, H, W)
-        finally:
-            model.train(was_training)
+        with model_mode(model, train=False), torch.inference_mode(False), torch.enable_grad():
+            with torch.no_grad():
+                probs = model(x).float().softmax(1)  # (N, num_classes)
+            num_classes = probs.size(1)
+            names = self._class_names(trainer, num_classes)
+            labels = y if self.use_labels else None
+            res = adversarial_explanations(
+                model, x, labels, targets=self.targets, rho=self.rho, steps=self.steps, overshoot=self.overshoot,
+                autocast_dtype=torch.bfloat16 if self.bf16 else None, channels_last=channels_last, compile=self.compile,
+                class_names=names, all_skips_listed=True,
+            )
+            kinds = res.kinds  # (N, K); the non-"all" columns sit at the same index in every row
+            explained = y if self.use_labels else res.pred_before  # (N,)
+            maps: dict[str, Tensor] = {}
+            if self.baselines:
+                if "true" in kinds[0]:
+                    j = kinds[0].index("true")
+                    maps["ae"] = (res.images[:, j] - x).float().pow(2).mean(1).sqrt()  # (N, H, W)
+                for m in self.baselines:
+                    maps[m] = attribution_maps(model, x, explained, method=m, rho=self.rho, ae_steps=self.steps)  # (N, H, W)
         fig = explanation_grid(
             x, res.images, res.targets, res.prob_before, res.prob_after, class_names=names, kinds=kinds,
             preds=res.pred_before, pred_probs=probs.gather(1, res.pred_before[:, None])[:, 0],

@@ -14,6 +14,7 @@ import torch
 from robustx.robustness.ara import PROTOCOLS, ara_curve, evaluate_batch
 from robustx.robustness.metric import ARAMetric
 from robustx.io.files import atomic_write
+from robustx.utils import model_mode
 
 log = logging.getLogger(__name__)
 
@@ -110,29 +111,24 @@ class ARAEvaluation(pl.Callback):
         start = time.time()
         ds, ids, n = self._images(trainer, s["num_images"])
         model = pl_module.model
-        was_training = model.training
-        model.eval()
         metric = ARAMetric(int(getattr(pl_module, "num_classes", 0) or trainer.datamodule.num_classes), bootstrap=self.bootstrap).to(pl_module.device)
         found = {"attack": 0, "btr": 0}
         late = {"attack": 0, "btr": 0}
-        try:
-            with torch.inference_mode(False), torch.enable_grad():
-                for i in range(0, len(ids), self.batch_size):
-                    chunk = ids[i : i + self.batch_size]
-                    x = torch.stack([ds[j][0] for j in chunk]).to(pl_module.device)
-                    y = torch.tensor([int(ds[j][1]) for j in chunk], device=pl_module.device)
-                    if getattr(pl_module.hparams, "channels_last", False):
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    out = evaluate_batch(
-                        model, x, y, steps=s["steps"], eps=s["eps"], momentum=s["momentum"], clip=self.clip,
-                        autocast_dtype=torch.bfloat16 if self.bf16 else None, compile=self.compile,
-                    )
-                    metric.update(out["r_attack"], out["r_btr"], torch.tensor(chunk, device=pl_module.device))
-                    for mode in found:
-                        found[mode] += int(out[f"found_{mode}"].sum())
-                        late[mode] += int((out[f"first_fail_step_{mode}"] > s["steps"] // 2).sum() + (~out[f"found_{mode}"]).sum())
-        finally:
-            model.train(was_training)
+        with model_mode(model, train=False), torch.inference_mode(False), torch.enable_grad():
+            for i in range(0, len(ids), self.batch_size):
+                chunk = ids[i : i + self.batch_size]
+                x = torch.stack([ds[j][0] for j in chunk]).to(pl_module.device)
+                y = torch.tensor([int(ds[j][1]) for j in chunk], device=pl_module.device)
+                if getattr(pl_module.hparams, "channels_last", False):
+                    x = x.contiguous(memory_format=torch.channels_last)
+                out = evaluate_batch(
+                    model, x, y, steps=s["steps"], eps=s["eps"], momentum=s["momentum"], clip=self.clip,
+                    autocast_dtype=torch.bfloat16 if self.bf16 else None, compile=self.compile,
+                )
+                metric.update(out["r_attack"], out["r_btr"], torch.tensor(chunk, device=pl_module.device))
+                for mode in found:
+                    found[mode] += int(out[f"found_{mode}"].sum())
+                    late[mode] += int((out[f"first_fail_step_{mode}"] > s["steps"] // 2).sum() + (~out[f"found_{mode}"]).sum())
         res = metric.compute()
         seconds = time.time() - start
         values = {

@@ -13,6 +13,19 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 USER_ERRORS = (ValueError, FileNotFoundError, MissingMandatoryValue, InterpolationResolutionError)
 
 
+# Override keys that were renamed, and what replaced them (README.md says the same).
+RENAMED_KEYS = {"adversarial": "method/adversarial"}
+
+
+def refuse_renamed_overrides(argv: list[str]) -> None:
+    """Exit 2 with one line when a command-line override uses a renamed key (before Hydra composes)."""
+    for arg in argv:
+        key = arg.lstrip("~+").split("=", 1)[0]
+        if "=" in arg and key in RENAMED_KEYS:
+            sys.stderr.write(f"error: '{key}=' was renamed; use {RENAMED_KEYS[key]}={arg.split('=', 1)[1]}\n")
+            raise SystemExit(2)
+
+
 def run_job(job: Callable[[DictConfig], Any], cfg: DictConfig, log: logging.Logger) -> Any:
     """Run ``job(cfg)``; a user error is logged as one line and exits with code 2 (HYDRA_FULL_ERROR=1 re-raises)."""
     try:

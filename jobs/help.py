@@ -71,6 +71,15 @@ def _own_keys(text: str) -> str:
     return "\n".join("  " + line if line else "" for line in keep).rstrip()
 
 
+def _group_lines(group: str, default: str | None, *, plus: bool = False) -> list[str]:
+    """A group's heading and one line per option (``*`` marks the default)."""
+    lines = [f"  {'+' if plus else ''}{group}:"]
+    for opt in sorted((CONF / group).glob("*.yaml")):
+        star = "*" if opt.stem == default else " "
+        lines.append(f"   {star} {opt.stem:<24} {_description(opt)}".rstrip())
+    return lines
+
+
 def help_text(entry: str) -> str:
     """The ``--help`` text of ``<entry>.py`` (train, eval, explain, study)."""
     text = (CONF / f"{entry}.yaml").read_text()
@@ -85,12 +94,12 @@ def help_text(entry: str) -> str:
             folder = CONF / group
             if not folder.is_dir():
                 continue
-            parts.append(f"  {'+' if group == 'experiment' else ''}{group}:")
-            for opt in sorted(folder.glob("*.yaml")):
-                star = "*" if opt.stem == default else " "
-                desc = _description(opt)
-                parts.append(f"   {star} {opt.stem:<24} {desc}".rstrip())
-    parts += ["", f"Keys (key=value; a group's keys too, e.g. data.root=DIR; see them all with --cfg job):", _own_keys(text),
+            parts += _group_lines(group, default, plus=group == "experiment")
+            default_file = folder / f"{default}.yaml"
+            nested = dict(_defaults(default_file.read_text())) if default_file.is_file() else {}
+            for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+                parts += _group_lines(f"{group}/{sub.name}", nested.get(sub.name))  # e.g. method/adversarial
+    parts += ["", "Keys (key=value; a group's keys too, e.g. data.root=DIR; see them all with --cfg job):", _own_keys(text),
               "", "Hydra's own flags: --hydra-help. Errors in a value are reported in one line naming the key."]
     return "\n".join(parts).replace("$", "$$") + "\n"
 

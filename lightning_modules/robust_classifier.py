@@ -50,7 +50,11 @@ class RobustClassifier(pl.LightningModule):
         self.save_hyperparameters()
         self.method = MethodConfig.from_dict(dict(method or {}))
         model_cfg = dict(model)
-        model_cfg.setdefault("activation", self.method.activation)
+        # One route for the activation: method.activation (relu, or the paper's half-Huber ReLU).
+        if model_cfg.get("activation", self.method.activation) != self.method.activation:
+            raise ValueError(f"model.activation={model_cfg['activation']!r} disagrees with method.activation="
+                             f"{self.method.activation!r}; set method.activation only (the model takes it from there).")
+        model_cfg["activation"] = self.method.activation
         self.model_config = model_cfg
         self.model = build_model(model_cfg)
         if channels_last:

@@ -43,7 +43,8 @@ def test_experiment_composes_and_builds(name):
     cfg = _resolve_without_hydra(_compose([f"+experiment={name}"]))
     method = MethodConfig.from_dict(OmegaConf.to_container(cfg.method, resolve=True))
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    assert model_cfg["activation"] == method.activation
+    assert "activation" not in model_cfg  # one route: method.activation, set by RobustClassifier
+    model_cfg["activation"] = method.activation
     if model_cfg["_target_"].endswith("TorchvisionClassifier"):
         model_cfg["num_classes"] = 10  # keep the test light; the class count is checked below
         assert cfg.data.num_classes == 1000
@@ -72,7 +73,7 @@ def test_paper_presets():
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("adversarial", ["none", "l2", "l2min", "pgd", "trades"])
 def test_group_combinations(method, adversarial):
-    cfg = _resolve_without_hydra(_compose([f"method={method}", f"adversarial={adversarial}"]))
+    cfg = _resolve_without_hydra(_compose([f"method={method}", f"method/adversarial={adversarial}"]))
     m = MethodConfig.from_dict(OmegaConf.to_container(cfg.method, resolve=True))
     assert m.adversarial.kind == adversarial
 
@@ -92,25 +93,55 @@ def test_hparams_search_composes(search):
     assert cfg.hydra.sweeper.params
 
 
-@pytest.mark.parametrize("entry, own, foreign", [
-    ("train", ["method:", "optim:", "trainer:", "+experiment:", "demo ", "seed: 1234", "# Resume from a Lightning checkpoint"], []),
-    ("eval", ["data:", "ara:", "protocol: paper", "# override the protocol's value", "cross_check:"], ["method:", "optim:", "trainer:", "+experiment:"]),
-    ("explain", ["rho: 0.1", "# RMSE budget", "targets:"], ["data:", "method:", "trainer:"]),
-    ("study", ["data:", "study:", "manipulation:", "# the first N correctly classified"], ["method:", "trainer:", "+experiment:"]),
-])
-def test_help_lists_own_groups_and_commented_keys(entry, own, foreign):
-    """`<entry>.py --help`: its own config groups with their options, its keys with their comments, nothing else."""
-    import subprocess
-    import sys
+def _yaml_keys(path):
+    """A preset's own keys (its defaults list left out), flattened: {"adversarial.eps": 0.1, ...}."""
+    own = OmegaConf.to_container(OmegaConf.load(path))
+    own.pop("defaults", None)
+    flat = {}
+    for key, value in own.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
 
-    root = CONF.parent
-    proc = subprocess.run([sys.executable, str(root / f"{entry}.py"), "--help"], cwd=root, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    text = proc.stdout
-    assert text.startswith(f"{entry}.py: ") and "Usage:" in text
-    for s in own:
-        assert s in text, (s, text[:3000])
-    groups = text.split("Config groups", 1)[-1].split("Keys (", 1)[0]
-    for s in foreign:
-        assert f"\n  {s}" not in groups, (s, groups)
-    assert "== Config ==" not in text and "Powered by Hydra" not in text  # not Hydra's generic dump
+
+def test_presets_carry_only_what_differs_from_the_code_defaults():
+    from dataclasses import asdict
+
+    defaults = asdict(MethodConfig())
+    flat_defaults = {**{k: v for k, v in defaults.items() if k != "adversarial"},
+                     **{f"adversarial.{k}": v for k, v in defaults["adversarial"].items()}}
+    presets = [*(CONF / "method").glob("*.yaml"), *(CONF / "method" / "adversarial").glob("*.yaml")]
+    assert len(presets) >= 12
+    for path in presets:
+        prefix = "adversarial." if path.parent.name == "adversarial" else ""
+        for key, value in _yaml_keys(path).items():
+            if key == "name":
+                continue
+            assert f"{prefix}{key}" in flat_defaults, f"{path.name}: unknown key {key}"
+            # a preset either restates nothing or states a value that differs (kind 'none' is the group's own name)
+            if not (prefix and key == "kind"):
+                assert value != flat_defaults[f"{prefix}{key}"], f"{path.name}: {key}={value} restates the default"
+
+
+def test_method_overrides_are_type_checked_by_the_schema():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="method.z"):
+        _compose(["method.z=abc"])
+    with pytest.raises(ConfigCompositionException, match="method.nope"):
+        _compose(["method.nope=1"])
+    cfg = _compose(["method=all", "method/adversarial=pgd", "method.adversarial.eps=0.02"])
+    m = MethodConfig.from_dict(OmegaConf.to_container(cfg.method))
+    assert (m.name, m.penalty, m.adversarial.kind, m.adversarial.eps, m.adversarial.half_and_half, m.adversarial.clip) == (
+        "all", True, "pgd", 0.02, True, True)
+
+
+def test_model_activation_has_one_route():
+    from lightning_modules.robust_classifier import RobustClassifier
+
+    model = {"_target_": "robustx.models.SmallCNN", "num_classes": 10, "in_channels": 1}
+    assert RobustClassifier(model=model, method={"activation": "hhrelu"}).model_config["activation"] == "hhrelu"
+    with pytest.raises(ValueError, match="set method.activation only"):
+        RobustClassifier(model={**model, "activation": "relu"}, method={"activation": "hhrelu"})
