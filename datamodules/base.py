@@ -11,6 +11,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from robustx.robustness.fixed_radius import ROBUSTBENCH_CIFAR10, check_threat_model
+
 log = logging.getLogger(__name__)
 
 STAGES = (None, "fit", "validate", "test", "predict")
@@ -84,6 +86,9 @@ class BaseImageDataModule(pl.LightningDataModule):
         cache_dir: where extracted archives / decoded arrays / downloads go (modules that need
             it); default ``~/.cache/robustx/datasets/<name>`` (``$ROBUSTX_CACHE`` replaces
             ``~/.cache/robustx``).
+        threat_models: the fixed-radius threat models eval.py reports for this dataset,
+            ``[{"norm": "L2" | "Linf", "eps": radius}, ...]``; default RobustBench's CIFAR-10
+            ones (robustx.robustness.fixed_radius.ROBUSTBENCH_CIFAR10).
     """
 
     cache_name = "dataset"
@@ -109,6 +114,7 @@ class BaseImageDataModule(pl.LightningDataModule):
         image_size: int = 32,
         class_names: Sequence[str] | None = None,
         cache_dir: str | None = None,
+        threat_models: Sequence[dict] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -152,6 +158,14 @@ class BaseImageDataModule(pl.LightningDataModule):
         self.mean, self.std = mean, std
         self.image_size = int(image_size)
         self.class_names = [str(c) for c in class_names] if class_names is not None else None
+        self.threat_models = [dict(t) for t in (threat_models if threat_models is not None else ROBUSTBENCH_CIFAR10)]
+        for t in self.threat_models:
+            if set(t) != {"norm", "eps"}:
+                raise DataError(f"data.threat_models entries are {{norm, eps}}, got {dict(t)}.")
+            try:
+                check_threat_model(t["norm"], t["eps"], "quick")
+            except ValueError as err:
+                raise DataError(f"data.threat_models: {err}") from None
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir(self.cache_name)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None

@@ -63,7 +63,7 @@ def evaluate_run(cfg: DictConfig, output_dir: Path, result: dict[str, Any]) -> d
         output_dir: the run folder (holds ``model.safetensors`` and ``timing.json``).
         result: what the run wrote to ``metrics.json``.
     """
-    from jobs.evaluate import ara_settings, cache_key, evaluate_checkpoint
+    from jobs.evaluate import ara_settings, cache_key, cross_check_attacks, evaluate_checkpoint
     from jobs.loading import versions
     from robustx.robustness.ara import robust_accuracy_at
 
@@ -86,9 +86,7 @@ def evaluate_run(cfg: DictConfig, output_dir: Path, result: dict[str, Any]) -> d
     cache_dir = None
     if b.get("cache", True):
         cache_dir = Path(cfg.paths.log_dir) / "eval_cache" / cache_key(model_path, settings, data_key)
-    cross = OmegaConf.to_container(b.cross_check, resolve=True) if b.get("cross_check") else None
-    if cross and not cross.get("attacks"):
-        cross = None
+    cross = cross_check_attacks(b.cross_check) if b.get("cross_check") else None
     t0 = time.time()
     res = evaluate_checkpoint(model_path, dm.test_set, ids, settings, num_classes=int(dm.num_classes), cache_dir=cache_dir,
                               bootstrap=int(ara["bootstrap"]), device="cpu", cross_check=cross)

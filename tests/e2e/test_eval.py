@@ -15,7 +15,7 @@ from robustx.io.export import save_model
 from robustx.models import SmallCNN
 
 from tests.helpers import PNG_MAGIC, needs_fmnist, run_script
-from tests.paths import CONF, DATASETS, FMNIST, REFERENCE_CHECKPOINTS
+from tests.paths import CONF, DATASETS, FMNIST, REFERENCE_CHECKPOINTS, ROOT
 
 pytestmark = needs_fmnist
 
@@ -27,7 +27,9 @@ CHEAP = [
     "ara.num_images=16",
     "ara.batch_size=8",
     "ara.bootstrap=50",
+    "cross_check.attacks=[alma]",
     "cross_check.steps=30",
+    "fixed_radius.version=none",  # tested on its own below
     # the fp32 eager path (the default "auto" compiles, which the test below covers once)
     "ara.bf16=false",
     "ara.channels_last=false",
@@ -128,6 +130,11 @@ def test_auto_fast_path_resolves_per_device_and_agrees_with_fp32(tmp_path):
         ("ara.protocol=bogus", "unknown ara.protocol"),
         ("ara.steps=0", "must be > 0"),
         ("ara.bf16=maybe", "ara.bf16 must be true, false or auto"),
+        ("cross_check.attacks=[cw]", "unknown minimal-norm attack"),
+        ("cross_check.preset=everything", "unknown ensemble preset"),
+        ("fixed_radius.version=plus", "fixed_radius.version must be one of"),
+        ("fixed_radius.threat_models=[{norm: L2, eps: 0}]", "eps must be a finite number > 0"),
+        ("fixed_radius.threat_models=[{norm: L1, eps: 1}]", "norm must be one of"),
     ],
 )
 def test_eval_user_errors_in_process(tmp_path, override, message):
@@ -154,6 +161,57 @@ def test_eval_user_error_cli_exits_2_with_one_line(tmp_path):
 
 
 REF = REFERENCE_CHECKPOINTS
+TRAINED = ROOT / "docs" / "precision" / "fp32_vs_bf16" / "32-true" / "model.safetensors"  # a published Fashion-MNIST small CNN
+
+
+def test_eval_fixed_radius_ensemble_flags_and_result_files(tmp_path):
+    import csv
+
+    import yaml
+
+    from robustx.io.export import load_model
+
+    cheap = [o for o in CHEAP if not o.startswith(("cross_check.attacks", "fixed_radius"))]
+    run_eval(tmp_path, f"ckpt={TRAINED}", *cheap, "cross_check.preset=thorough", "fixed_radius.version=quick",
+             "hydra.run.dir=out")  # standard's composition: tests/unit/test_fixed_radius_and_ensemble.py
+    out = tmp_path / "out"
+    res = json.loads((out / "model.json").read_text())
+    # the dataset's threat models (conf/data/fashion_mnist.yaml), each also as RMSE
+    fr = {(e["norm"], e["eps"]): e for e in res["fixed_radius"]}
+    assert set(fr) == {("L2", 1.5), ("Linf", 0.1)}
+    assert fr["L2", 1.5]["eps_rmse"] == pytest.approx(1.5 / 28) and fr["Linf", 0.1]["eps_rmse"] == 0.1
+    for e in fr.values():
+        after = list(e["robust_accuracy_after"].values())
+        assert e["attacks"] == ["apgd-ce", "apgd-t"] == list(e["robust_accuracy_after"])
+        assert after == sorted(after, reverse=True) and after[-1] == e["robust_accuracy"] <= e["clean_accuracy"] == res["accuracy"]
+        assert e["robust_accuracy"] == pytest.approx(sum(e["robust"]) / 16)
+        assert e["forwards"] > 0 and sum(e["broken_by"].values()) == round(16 * (e["clean_accuracy"] - e["robust_accuracy"]))
+    ens = res["ensemble"]
+    assert ens["attacks"] == ["paper", "ddn", "fmn", "alma", "fab"] and set(ens["optimality"]) == set(ens["attacks"])
+    assert ens["strongest"] == max(ens["optimality"], key=ens["optimality"].get) and max(ens["optimality"].values()) <= 1
+    assert {"randomness", "softmax_outputs", "zero_gradients", "search_vs_ddn", "fixed_radius_above_minimal_norm_L2_1.5"} <= set(res["flags"])
+    assert not res["flags"]["randomness"]["raised"] and not res["flags"]["softmax_outputs"]["raised"]
+    # Per-image CSV: the same numbers as the JSON.
+    rows = list(csv.DictReader((out / "model_per_image.csv").open()))
+    assert len(rows) == 16 and [int(r["id"]) for r in rows] == res["ids"]
+    assert [float(r["r_ensemble"]) for r in rows] == pytest.approx(ens["r"])
+    assert [int(r["robust_L2_1.5"]) for r in rows] == [int(b) for b in fr["L2", 1.5]["robust"]]
+    assert [int(r["correct"]) for r in rows] == [int(c) for c in res["correct"]]
+    # RobustBench-style entries, one per threat model.
+    rb = json.loads((out / "robustbench" / "fashion_mnist" / "L2" / "model.json").read_text())
+    assert rb["autoattack_acc"] == f"{100 * fr['L2', 1.5]['robust_accuracy']:.2f}" and rb["clean_acc"] == f"{100 * res['accuracy']:.2f}"
+    assert rb["threat_model"] == "L2" and rb["eps"] == "1.5" and rb["ara_ensemble"] == ens["ara"]
+    # The model card: its model-index block holds the same numbers; the weights beside it load.
+    text = (out / "model_card" / "README.md").read_text()
+    front = yaml.safe_load(text.split("---")[1])
+    metrics = {m["name"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
+    assert metrics["Clean accuracy"] == pytest.approx(res["accuracy"])
+    assert metrics["Robust accuracy, AutoAttack (quick) Linf eps=0.1"] == pytest.approx(fr["Linf", 0.1]["robust_accuracy"])
+    assert metrics["Attack ARA (ensemble)"] == pytest.approx(ens["ara"], abs=1e-6)
+    copy, _ = load_model(out / "model_card" / "model.safetensors")
+    orig, _ = load_model(TRAINED)
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.equal(copy(x), orig(x))
 
 
 @pytest.mark.slow

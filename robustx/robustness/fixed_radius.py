@@ -1,0 +1,178 @@
+"""Fixed-radius robust accuracy, AutoAttack-grade (Croce & Hein 2020), in the field's threat models.
+
+The attacks are the reference implementation's (``pyautoattack``, the PyPI release of
+fra31/auto-attack, configured exactly as its ``version='standard'``: APGD-CE, APGD-T with the DLR
+loss and 9 target classes, FAB-T with 9 targets, Square with 5,000 queries). The composition is
+AutoAttack's rule: each attack runs only on the images still robust after the previous ones, so
+the verdict per image is the worst case over the attacks. It is written out here (not
+``AutoAttack.run_standard_evaluation``) to record which attack broke each image and to re-check
+every adversarial example in fp32 against the radius and the [0, 1] box before counting it.
+
+Radii are in the norm's own units (L2: Euclidean norm in [0, 1] pixel space; Linf: max absolute
+change); :func:`rmse_of_radius` gives the project's unit (RMSE) for each.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from robustx.utils import model_mode
+
+__all__ = ["ROBUSTBENCH_CIFAR10", "VERSIONS", "NORMS", "fixed_radius_attack", "rmse_of_radius", "perturbation_norm", "check_threat_model"]
+
+log = logging.getLogger(__name__)
+
+#: Attack sequence per preset: ``standard`` is AutoAttack's; ``quick`` its two APGD attacks.
+VERSIONS: dict[str, tuple[str, ...]] = {
+    "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+    "quick": ("apgd-ce", "apgd-t"),
+}
+NORMS = ("L2", "Linf")
+#: RobustBench's CIFAR-10 threat models (the datamodules' default; other datasets set theirs in conf/data/).
+ROBUSTBENCH_CIFAR10: tuple[dict, ...] = ({"norm": "L2", "eps": 0.5}, {"norm": "Linf", "eps": 8 / 255})
+_TOL = 1e-5  # relative slack of the radius re-check (the attacks project in float32)
+
+
+def check_threat_model(norm: str, eps: float, version: str) -> None:
+    """One clear error per bad setting (norm, radius, preset)."""
+    if norm not in NORMS:
+        raise ValueError(f"fixed-radius norm must be one of {NORMS}, got '{norm}'.")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"fixed-radius eps must be a finite number > 0, got {eps!r} ({norm}; e.g. 0.5 for L2, 8/255 for Linf).")
+    if version not in VERSIONS:
+        raise ValueError(f"fixed-radius version must be one of {sorted(VERSIONS)}, got '{version}'.")
+
+
+def rmse_of_radius(norm: str, eps: float, num_pixels: int) -> float:
+    """The radius as RMSE in [0, 1] pixel space: L2 eps / sqrt(D); Linf eps bounds the RMSE (equal at a corner)."""
+    return eps / math.sqrt(num_pixels) if norm == "L2" else float(eps)
+
+
+def perturbation_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-image L2 or Linf norm of (B, C, H, W) perturbations -> (B,)."""
+    flat = delta.flatten(1).double()  # (B, D)
+    return flat.norm(dim=1) if norm == "L2" else flat.abs().amax(dim=1)
+
+
+@contextmanager
+def _quiet_autoattack() -> Iterator[None]:
+    # Its checks warn through this logger; the evaluation raises its own flags (robustx.robustness.flags).
+    logger = logging.getLogger("auto-attack")
+    before = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
+def _attacker(model: nn.Module, *, norm: str, eps: float, num_classes: int, seed: int, device, n_queries: int):
+    from pyautoattack import AutoAttack
+
+    aa = AutoAttack(model, norm=norm, eps=eps, version="standard", seed=seed, device=device)
+    targets = max(1, min(9, num_classes - 1))  # standard: 9 (CIFAR-10); fewer classes, fewer targets
+    aa.apgd_targeted.n_target_classes = targets
+    aa.fab.n_target_classes = targets
+    aa.square.n_queries = n_queries
+    return aa
+
+
+def _run(aa, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # The same calls as AutoAttack.run_standard_evaluation makes for each attack name.
+    if name == "apgd-ce":
+        aa.apgd.loss = "ce"
+        aa.apgd.seed = aa.get_seed()
+        return aa.apgd.perturb(x, y)
+    if name == "apgd-t":
+        aa.apgd_targeted.seed = aa.get_seed()
+        return aa.apgd_targeted.perturb(x, y)
+    if name == "fab-t":
+        aa.fab.targeted = True
+        aa.fab.n_restarts = 1
+        aa.fab.seed = aa.get_seed()
+        return aa.fab.perturb(x, y)
+    if name == "square":
+        aa.square.seed = aa.get_seed()
+        return aa.square.perturb(x, y)
+    raise ValueError(f"unknown attack '{name}'")
+
+
+def fixed_radius_attack(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    norm: str = "L2",
+    eps: float = 0.5,
+    version: str = "standard",
+    num_classes: int | None = None,
+    seed: int = 0,
+    n_queries: int = 5000,
+    progress: Callable[[str, int], None] | None = None,
+) -> dict:
+    """Robust accuracy at a fixed radius: the per-image worst case over AutoAttack's attacks.
+
+    Args:
+        model: classifier on [0, 1] images returning logits; put in eval mode for the call (with a
+            log line) if it is in train mode.
+        images: (B, C, H, W) in [0, 1].
+        labels: (B,) true classes.
+        norm: ``L2`` or ``Linf``.
+        eps: the radius in the norm's units (> 0).
+        version: ``standard`` (APGD-CE, APGD-T, FAB-T, Square) or ``quick`` (APGD-CE, APGD-T).
+        num_classes: number of classes (default: the model's output width).
+        seed: the attacks' seed (AutoAttack's ``seed``).
+        n_queries: Square's query budget (AutoAttack standard: 5,000).
+        progress: called as ``progress(attack, images_attacked)`` after each attack.
+    Returns:
+        ``correct`` (B,) bool, ``robust`` (B,) bool, ``broken_by`` list of B names ("" where the
+        image is robust or misclassified unperturbed), ``robust_after`` {attack: count},
+        ``attacked`` {attack: images attacked}, ``norm_found`` (B,) float64 norm of the adversarial
+        example that counted (nan where none).
+    """
+    check_threat_model(norm, eps, version)
+    if images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
+        raise ValueError(f"images must lie in [0, 1] (got [{float(images.min()):.3g}, {float(images.max()):.3g}]); "
+                         "the model owns its normalization, so pass unnormalized images.")
+    if model.training:
+        log.warning("fixed_radius_attack: the model was in train mode; evaluated in eval mode (and put back after).")
+    x, y = images.detach().float().contiguous(), labels.detach()
+    with model_mode(model, train=False), _quiet_autoattack():
+        with torch.no_grad():
+            logits = model(x)  # (B, num_classes)
+        correct = logits.argmax(1) == y
+        c = int(num_classes or logits.shape[1])
+        aa = _attacker(model, norm=norm, eps=eps, num_classes=c, seed=seed, device=x.device, n_queries=n_queries)
+        robust = correct.clone()
+        broken_by = [""] * len(y)
+        norm_found = torch.full((len(y),), math.nan, dtype=torch.float64)
+        robust_after, attacked = {}, {}
+        names = [n for n in VERSIONS[version] if not (n == "apgd-t" and c <= 3)]
+        if len(names) < len(VERSIONS[version]):
+            log.info("fixed_radius_attack: %d classes: APGD-T left out (its targeted DLR loss needs at least 4).", c)
+        for name in names:
+            idx = robust.nonzero().flatten()  # (R,) images still robust
+            attacked[name] = int(idx.numel())
+            if idx.numel():
+                with torch.enable_grad():
+                    adv = _run(aa, name, x[idx], y[idx]).detach().float()  # (R, C, H, W)
+                with torch.no_grad():
+                    wrong = model(adv).argmax(1) != y[idx]  # the fp32 re-check
+                size = perturbation_norm(adv - x[idx], norm).cpu()
+                valid = wrong.cpu() & (size <= eps * (1 + _TOL)) & (adv.flatten(1).amin(1) >= 0).cpu() & (adv.flatten(1).amax(1) <= 1).cpu()
+                for k in valid.nonzero().flatten().tolist():
+                    i = int(idx[k])
+                    robust[i] = False
+                    broken_by[i] = name
+                    norm_found[i] = float(size[k])
+            robust_after[name] = int(robust.sum())
+            if progress is not None:
+                progress(name, attacked[name])
+    return {"correct": correct.cpu(), "robust": robust.cpu(), "broken_by": broken_by, "robust_after": robust_after,
+            "attacked": attacked, "norm_found": norm_found}
