@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 
 from robustx.robustness.ara import PROTOCOLS, ara_curve, evaluate_batch
+from robustx.robustness.fixed_radius import VERSIONS, check_threat_model, fixed_radius_attack
 from robustx.robustness.metric import ARAMetric
 from robustx.io.files import atomic_write
 from robustx.utils import model_mode
@@ -54,6 +55,10 @@ class ARAEvaluation(pl.Callback):
         bootstrap: bootstrap resamples for the CIs.
         clip: keep perturbed images in [0, 1].
         output_dir: where ``ara_epoch<k>.json`` / ``ara_final.json`` go (default: trainer.default_root_dir, the run folder).
+        fixed_radius: AutoAttack preset of the fixed-radius accuracy on the same images
+            (``quick``: APGD-CE + APGD-T; ``standard``: + FAB-T + Square; ``none``), logged as
+            ``val/robust_acc_<norm>_<eps>`` (``final/...`` at the end).
+        threat_models: ``[{"norm": "L2" | "Linf", "eps": radius}]``; None: the datamodule's.
     """
 
     def __init__(
@@ -77,6 +82,8 @@ class ARAEvaluation(pl.Callback):
         bootstrap: int = 1000,
         clip: bool = False,
         output_dir: str | None = None,
+        fixed_radius: str = "quick",
+        threat_models: list[dict] | None = None,
     ) -> None:
         super().__init__()
         if every_n_epochs < 0 or num_images <= 0 or final_num_images <= 0 or batch_size <= 0:
@@ -87,6 +94,12 @@ class ARAEvaluation(pl.Callback):
         self.final, self.batch_size, self.bf16, self.compile = final, batch_size, bf16, bool(compile)
         self.bootstrap, self.clip, self.output_dir = bootstrap, clip, output_dir
         self.history: list[dict[str, Any]] = []
+        if fixed_radius not in (*VERSIONS, "none"):
+            raise ValueError(f"ARAEvaluation: fixed_radius must be one of {sorted(VERSIONS)} or none, got '{fixed_radius}'.")
+        self.fixed_radius = fixed_radius
+        self.threat_models = [dict(t) for t in threat_models] if threat_models is not None else None
+        for t in self.threat_models or []:
+            check_threat_model(t["norm"], float(t["eps"]), "quick")
 
     # -- hooks -----------------------------------------------------------------------------
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -114,6 +127,10 @@ class ARAEvaluation(pl.Callback):
         metric = ARAMetric(int(getattr(pl_module, "num_classes", 0) or trainer.datamodule.num_classes), bootstrap=self.bootstrap).to(pl_module.device)
         found = {"attack": 0, "btr": 0}
         late = {"attack": 0, "btr": 0}
+        tms = [] if self.fixed_radius == "none" else [
+            {**t, "label": f"{t['norm']}_{float(t['eps']):.4g}"}
+            for t in (self.threat_models if self.threat_models is not None else getattr(trainer.datamodule, "threat_models", []))]
+        robust_count = {t["label"]: 0 for t in tms}
         with model_mode(model, train=False), torch.inference_mode(False), torch.enable_grad():
             for i in range(0, len(ids), self.batch_size):
                 chunk = ids[i : i + self.batch_size]
@@ -126,6 +143,9 @@ class ARAEvaluation(pl.Callback):
                     autocast_dtype=torch.bfloat16 if self.bf16 else None, compile=self.compile,
                 )
                 metric.update(out["r_attack"], out["r_btr"], torch.tensor(chunk, device=pl_module.device))
+                for t in tms:
+                    fr = fixed_radius_attack(model, x.contiguous(), y, norm=t["norm"], eps=float(t["eps"]), version=self.fixed_radius)
+                    robust_count[t["label"]] += int(fr["robust"].sum())
                 for mode in found:
                     found[mode] += int(out[f"found_{mode}"].sum())
                     late[mode] += int((out[f"first_fail_step_{mode}"] > s["steps"] // 2).sum() + (~out[f"found_{mode}"]).sum())
@@ -142,6 +162,13 @@ class ARAEvaluation(pl.Callback):
             "val/median_r_btr": res["btr/median_r"],
             "val/ara_seconds": seconds,
         }
+        if tms:  # robust counts summed over DDP ranks (each attacked its own shard of the images)
+            counts = torch.tensor([robust_count[t["label"]] for t in tms], dtype=torch.float64, device=pl_module.device)
+            counts = trainer.strategy.reduce(counts, reduce_op="sum") if trainer.world_size > 1 else counts
+            for t, c in zip(tms, counts.tolist()):
+                values[f"val/robust_acc_{t['label']}"] = c / n
+            log.info("ARA %s: robust accuracy (AutoAttack %s) %s", tag, self.fixed_radius,
+                     ", ".join(f"{t['label']} {values['val/robust_acc_' + t['label']]:.4f}" for t in tms))
         prefix = "final/" if tag == "final" else ""
         log.info(
             "ARA %s (%d images, %d steps): attack %.5f [%.5f, %.5f], btr %.5f [%.5f, %.5f]; %.1f s (%.2f s/image)",
@@ -163,7 +190,9 @@ class ARAEvaluation(pl.Callback):
         if trainer.is_global_zero:
             self._log_curves(trainer, metric, tag)
             record = {"tag": tag, "epoch": trainer.current_epoch, "settings": s, "num_images": n, **res, "seconds": seconds,
-                      "r_attack": metric.values("attack").tolist(), "r_btr": metric.values("btr").tolist()}
+                      "r_attack": metric.values("attack").tolist(), "r_btr": metric.values("btr").tolist(),
+                      "robust_acc": {k.removeprefix("val/robust_acc_"): v for k, v in values.items() if k.startswith("val/robust_acc_")},
+                      "fixed_radius": self.fixed_radius}
             self.history.append({k: v for k, v in record.items() if not k.startswith("r_")})
             out_dir = Path(self.output_dir or trainer.default_root_dir)
             out_dir.mkdir(parents=True, exist_ok=True)

@@ -143,7 +143,9 @@ def fixed_radius_attack(
     if model.training:
         log.warning("fixed_radius_attack: the model was in train mode; evaluated in eval mode (and put back after).")
     x, y = images.detach().float().contiguous(), labels.detach()
-    with model_mode(model, train=False), _quiet_autoattack():
+    # The attacks reseed torch's global generators; fork_rng leaves the caller's (a training run's) as they were.
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), model_mode(model, train=False), _quiet_autoattack():
         with torch.no_grad():
             logits = model(x)  # (B, num_classes)
         correct = logits.argmax(1) == y

@@ -190,15 +190,21 @@ def test_ara_callback_logs_to_wandb_offline(tmp_path):
         "callbacks.ara_evaluation.every_n_epochs=1", "callbacks.ara_evaluation.num_images=16",
         "callbacks.ara_evaluation.steps=10", "callbacks.ara_evaluation.final_num_images=16",
         "callbacks.ara_evaluation.final_steps=20", "callbacks.ara_evaluation.bootstrap=50",
-        "callbacks.ara_evaluation.batch_size=8", env={"WANDB_MODE": ""},
+        "callbacks.ara_evaluation.batch_size=8", "callbacks.ara_evaluation.threat_models=[{norm: L2, eps: 1.5}]",
+        env={"WANDB_MODE": ""},
     )
     (run,) = run_dirs(tmp_path)
     periodic = json.loads((run / "ara_epoch000.json").read_text())
     final = json.loads((run / "ara_final.json").read_text())
     assert periodic["settings"]["steps"] == 10 and final["settings"]["steps"] == 20
     assert len(final["r_attack"]) == 16 and final["attack/ara"] >= 0
-    assert "val/ara_attack" in json.loads((run / "metrics.json").read_text())["metrics"]
+    metrics = json.loads((run / "metrics.json").read_text())["metrics"]
+    assert "val/ara_attack" in metrics
+    # the fixed-radius accuracy (AutoAttack quick) on the same images, logged beside the ARA
+    assert 0 <= metrics["val/robust_acc_L2_1.5"] <= metrics["val/acc"] + 0.2
+    assert set(final["robust_acc"]) == {"L2_1.5"} and final["fixed_radius"] == "quick"
     log = (run / "train.log").read_text()
+    assert "robust accuracy (AutoAttack quick) L2_1.5" in log
     assert "ARA epoch000 (16 images, 10 steps)" in log and " s/image)" in log
     (wandb_run,) = list((run / "wandb").glob("offline-run-*"))
     assert list(wandb_run.glob("*.wandb"))
