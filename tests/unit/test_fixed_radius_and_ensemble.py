@@ -187,3 +187,16 @@ def test_square_and_contradiction_flags():
     assert f["minimal_norm_above_fixed_radius"]["raised"] and f["minimal_norm_above_fixed_radius"]["value"] == 0.25
     ok = contradiction_flags(torch.tensor([True, False]), torch.tensor([True, True]), torch.tensor([0.5, 0.05]), eps_rmse=0.1, label="x")
     assert not any(v["raised"] for v in ok.values())
+
+
+def test_datamodule_threat_models_default_and_validation():
+    from datamodules import CIFAR10DataModule, FashionMNISTDataModule
+    from datamodules.base import DataError
+
+    assert CIFAR10DataModule().threat_models == [{"norm": "L2", "eps": 0.5}, {"norm": "Linf", "eps": 8 / 255}]
+    assert FashionMNISTDataModule(threat_models=[{"norm": "Linf", "eps": 0.1}]).threat_models == [{"norm": "Linf", "eps": 0.1}]
+    for bad, message in (([{"norm": "L3", "eps": 1.0}], "norm must be one of"), ([{"norm": "L2", "eps": -1}], "eps must be"),
+                         ([{"norm": "L2"}], "entries are")):
+        with pytest.raises(DataError, match=message) as err:
+            CIFAR10DataModule(threat_models=bad)
+        assert "\n" not in str(err.value)
