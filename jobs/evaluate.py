@@ -51,8 +51,19 @@ def ara_settings(cfg: DictConfig) -> dict[str, Any]:
     for k in ("steps", "eps", "momentum", "refine"):
         if a.get(k) is not None:
             s[k] = a[k]
+    for k in ("steps", "eps", "momentum", "refine"):
+        v = s.get(k, 0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"ara.{k} must be a finite number, got {v!r}.")
     if s["steps"] <= 0 or s["eps"] <= 0:
         raise ValueError(f"ara.steps and ara.eps must be > 0, got {s['steps']} and {s['eps']}.")
+    if s["steps"] != int(s["steps"]) or s.get("refine", 0) != int(s.get("refine", 0)) or s.get("refine", 0) < 0:
+        raise ValueError(f"ara.steps and ara.refine must be whole numbers (refine >= 0), got {s['steps']} and {s.get('refine', 0)}.")
+    if not 0 <= s["momentum"] < 1:
+        raise ValueError(f"ara.momentum must be in [0, 1), got {s['momentum']}.")
+    for k in ("num_images", "batch_size"):
+        if not isinstance(a.get(k), int) or isinstance(a.get(k), bool) or a[k] <= 0:
+            raise ValueError(f"ara.{k} must be a whole number > 0, got {a.get(k)!r}.")
     # "auto": the measured fast path (bf16 autocast + channels_last + torch.compile; BENCHMARKS.md
     # "Search speed") where the device runs bf16 natively, else the eager fp32 path.
     fast = native_bf16(str(cfg.get("device", "cpu")))

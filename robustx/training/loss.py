@@ -7,6 +7,7 @@ module calls and that users can call from their own loops.
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
@@ -25,6 +26,16 @@ from robustx.utils import at_least_fp32, frozen_parameters, model_mode
 __all__ = ["AdversarialConfig", "MethodConfig", "make_adversarial", "training_loss", "StepOutput"]
 
 ADVERSARIAL_KINDS = ("none", "l2", "l2min", "pgd", "trades")
+
+
+def _check_numbers(cfg: Any, prefix: str) -> None:
+    """Every numeric field finite (NaN/inf would train silently wrong or fail far from the cause), naming the key."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, bool) or v is None:
+            continue
+        if isinstance(v, (int, float)) and not math.isfinite(v):
+            raise ValueError(f"{prefix}{f.name} must be a finite number, got {v}; set it to a number (see conf/method/).")
 
 
 @dataclass
@@ -54,6 +65,7 @@ class AdversarialConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
+        _check_numbers(self, "method.adversarial.")
         if self.kind not in ADVERSARIAL_KINDS:
             raise ValueError(f"Unknown adversarial kind '{self.kind}'; choose one of {ADVERSARIAL_KINDS}.")
         if self.eps < 0:
@@ -64,6 +76,10 @@ class AdversarialConfig:
             raise ValueError(f"adversarial bn_mode must be 'train' or 'eval', got '{self.bn_mode}'.")
         if self.beta < 0:
             raise ValueError(f"TRADES beta must be >= 0, got {self.beta}.")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"method.adversarial.momentum must be in [0, 1), got {self.momentum}.")
+        if self.step_size is not None and not self.step_size > 0:
+            raise ValueError(f"method.adversarial.step_size must be > 0 or null (null: 2.5 * eps / steps), got {self.step_size}.")
 
 
 @dataclass
@@ -96,6 +112,12 @@ class MethodConfig:
     def __post_init__(self) -> None:
         if isinstance(self.adversarial, dict):
             self.adversarial = AdversarialConfig(**self.adversarial)
+        _check_numbers(self, "method.")
+        for key in ("psi0", "k", "eps_better", "eps_worse"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"method.{key} must be >= 0, got {getattr(self, key)} (paper: psi0 220, k 0.02, eps_better 1, eps_worse 0.01).")
+        if not self.l_target > 0:
+            raise ValueError(f"method.l_target must be > 0, got {self.l_target}; the paper uses 1.5.")
         if not self.z > 0:
             raise ValueError(f"method.z must be > 0, got {self.z}; the paper uses z=2.")
         if not 0 <= self.zeta <= 1:

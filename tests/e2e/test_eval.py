@@ -130,6 +130,10 @@ def test_auto_fast_path_resolves_per_device_and_agrees_with_fp32(tmp_path):
         ("ara.protocol=bogus", "unknown ara.protocol"),
         ("ara.steps=0", "must be > 0"),
         ("ara.bf16=maybe", "ara.bf16 must be true, false or auto"),
+        ("ara.eps=nan", "ara.eps must be a finite number"),
+        ("ara.steps=nan", "ara.steps must be a finite number"),
+        ("ara.steps=2.5", "ara.steps and ara.refine must be whole numbers"),
+        ("ara.num_images=0", "ara.num_images must be a whole number > 0"),
         ("cross_check.attacks=[cw]", "unknown minimal-norm attack"),
         ("cross_check.preset=everything", "unknown ensemble preset"),
         ("fixed_radius.version=plus", "fixed_radius.version must be one of"),
@@ -147,7 +151,7 @@ def test_eval_user_errors_in_process(tmp_path, override, message):
     a = _export(tmp_path / "a.safetensors", 0)
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose("eval", overrides=[f"ckpt={a}", *CHEAP, override, f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'out'}"])
-    with pytest.raises(ValueError, match=message.replace(".", r"\.")) as err:
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
         evaluate(cfg)
     assert isinstance(err.value, USER_ERRORS)
     assert "\n" not in str(err.value)

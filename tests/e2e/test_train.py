@@ -145,6 +145,9 @@ USER_ERRORS = [
     ("method.z=0", "method.z must be > 0"),
     ("method.adversarial.eps=-1", "adversarial eps must be >= 0"),
     ("+method.lambda=3", "Unknown method option"),
+    ("method.eps_worse=nan", "method.eps_worse must be a finite number"),
+    ("method.k=inf", "method.k must be a finite number"),
+    ("method.adversarial.momentum=1.5", "method.adversarial.momentum must be in [0, 1)"),
     ("ckpt_path=/nonexistent/last.ckpt", "does not exist"),
     ("data.root=/nonexistent", "Fashion-MNIST not found"),
 ]
