@@ -43,11 +43,24 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
             ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as err:  # corrupt files raise many types
             raise CheckpointError(f"'{path}' is not a readable Lightning checkpoint ({str(err).splitlines()[0]}).") from None
-        if "model_config" not in ckpt or "state_dict" not in ckpt:
-            raise CheckpointError(f"'{path}' was not written by this project's RobustClassifier (no model_config).")
-        model = build_model(ckpt["model_config"])
-        state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-        model.load_state_dict(state, strict=True)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_config"), dict) or not isinstance(ckpt.get("state_dict"), dict):
+            raise CheckpointError(f"'{path}' was not written by this project's RobustClassifier (no model_config/state_dict); "
+                                  "pass the run's checkpoints/last.ckpt or its model.safetensors.")
+        state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if isinstance(k, str) and k.startswith("model.")}
+        try:
+            with torch.device("meta"):  # sizes from the file checked against its tensors before allocating
+                skeleton = build_model(ckpt["model_config"])
+            shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+            bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor) or shapes.get(k) != tuple(v.shape)]
+            if bad or set(shapes) != set(state):
+                raise CheckpointError(f"'{path}': its weights do not fit its model_config ({len(bad)} mismatched, "
+                                      f"{len(set(shapes) - set(state))} missing tensors, e.g. {(bad or sorted(set(shapes) - set(state)))[:2]}).")
+            model = build_model(ckpt["model_config"])
+            model.load_state_dict(state, strict=True)
+        except CheckpointError:
+            raise
+        except (ValueError, RuntimeError, TypeError, OverflowError) as err:
+            raise CheckpointError(f"'{path}' holds a model robustx cannot rebuild ({str(err).splitlines()[0][:200]}).") from None
         return model.eval(), {"format": "lightning", "model_config": ckpt["model_config"], "epoch": ckpt.get("epoch")}
     raise CheckpointError(f"unknown checkpoint format '{suffix}' for '{path}'; use .ckpt, .safetensors or an authors' .pt.")
 

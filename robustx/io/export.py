@@ -206,6 +206,33 @@ def _preview(keys: list[str], n: int = 3) -> str:
     return shown + (", ..." if len(keys) > n else "")
 
 
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+def _check_shapes_and_dtypes(path: Path, expected: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> None:
+    """Each stored tensor's shape equals the model's and its dtype is of the same kind (float vs integer), from the header alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            if key not in expected:
+                continue
+            sl = f.get_slice(key)
+            shape, dtype = list(sl.get_shape()), str(sl.get_dtype()).upper()
+            want = expected[key]
+            if shape != list(want.shape):
+                raise ExportError(
+                    f"'{path}': tensor '{key}' has shape {shape} but {config.get('_target_')} with this model_config needs "
+                    f"{list(want.shape)}; the header's config does not describe these weights: re-export the model."
+                )
+            if (dtype in _FLOAT_DTYPES) != want.is_floating_point():
+                raise ExportError(
+                    f"'{path}': tensor '{key}' is stored as {dtype} but the model needs a "
+                    f"{'floating-point' if want.is_floating_point() else 'integer'} tensor ({want.dtype}); "
+                    "the file was altered or not written by save_model: re-export the model."
+                )
+
+
 def load_model(
     path: str | os.PathLike[str],
     *,
@@ -229,15 +256,23 @@ def load_model(
     raw, keys = _read_header(path)
     metadata = _decode_metadata(path, raw)
     config = metadata["model_config"]
+    # A skeleton on the meta device first: sizes read from the header (a negative or huge width)
+    # are checked against the file's tensors before any memory is allocated.
     try:
-        model = build_model(config)
+        with torch.device("meta"):
+            skeleton = build_model(config)
     except ModelConfigError as err:
         raise ExportError(
             f"'{path}' describes a model robustx cannot build ({one_line(err).rstrip('.')}); "
             "only robustx.models.MODEL_TARGETS can be loaded."
         ) from None
+    except (ValueError, RuntimeError, TypeError, OverflowError) as err:
+        raise ExportError(
+            f"'{path}' has a model config robustx cannot build ({one_line(err)[:200]}); re-export it with "
+            "robustx.io.export.save_model."
+        ) from None
 
-    expected = model.state_dict()
+    expected = skeleton.state_dict()
     missing = [k for k in expected if k not in keys]
     unexpected = [k for k in keys if k not in expected]
     if strict and (missing or unexpected):
@@ -246,6 +281,8 @@ def load_model(
             f"[{_preview(missing)}], {len(unexpected)} unexpected keys [{_preview(unexpected)}]; "
             "re-export it from a model built with its model_config, or pass strict=False."
         )
+    _check_shapes_and_dtypes(path, expected, config)
+    model = build_model(config)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             tensors = {k: f.get_tensor(k) for k in keys if k in expected or strict}

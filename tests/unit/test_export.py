@@ -166,7 +166,7 @@ def test_key_mismatch(tmp_path):
     tensors = {k: v.clone() for k, v in model.state_dict().items()}
     tensors["head.3.bias"] = torch.zeros(3)
     path = _write_raw(tmp_path / "s.safetensors", tensors, {"model_config": cfg})
-    with pytest.raises(ExportError, match="does not fit"):
+    with pytest.raises(ExportError, match="has shape \\[3\\] but robustx.models.SmallCNN with this model_config needs \\[10\\]"):
         load_model(path)
 
 
