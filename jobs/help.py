@@ -25,6 +25,8 @@ _USAGE = {
               "python eval.py 'ckpt=[a.safetensors,b.pt]' ...             # several checkpoints, one curves.png"]),
     "explain": ("Adversarial explanations of image files (README.md, Explanations).",
                 ["python explain.py ckpt=PATH 'images=[a.png,b.jpg]' [key=value ...]"]),
+    "explore": ("A local web app for adversarial explanations (README.md, Explorer).",
+                ["python explore.py ckpt=PATH [data=NAME data.root=DIR] [host=127.0.0.1 port=7860]"]),
     "study": ("Do attacks invalidate attribution maps? The invalidation study (README.md).",
               ["python study.py 'ckpt=[a.pt,b.pt]' [data=NAME data.root=DIR] [key=value ...]"]),
 }

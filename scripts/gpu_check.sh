@@ -42,7 +42,7 @@ R=$DATA/reference-checkpoints
 # cache=true (the default): a killed eval resumes from its finished batches on the same machine.
 step eval 300 "$PY" eval.py device=cuda "ckpt=[$R/resnet44-standard.pt,$R/resnet44-adv-train.pt,$R/resnet44-robust.pt,$R/resnet44-all.pt]" \
     "data.root=$DATA/cifar10-jpeg" ara.protocol=paper ara.num_images=1000 ara.batch_size=500 \
-    ara.bf16=false ara.channels_last=false ara.compile=false 'cross_check.attacks=[alma]' cross_check.steps=1000 \
+    ara.bf16=false ara.channels_last=false ara.compile=false 'cross_check.attacks=[alma]' cross_check.steps=1000 fixed_radius.version=none \
     hydra.run.dir="$RUNS/eval_reference_1000"
 step bench 120 "$PY" bench/bench_train_step.py --device cuda --models resnet44 small_cnn --batch 128 --repeats 5 \
     --methods plain robust all "all (attack_subset)" --json "$OUT/train_step_gpu.json"

@@ -11,7 +11,7 @@ if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
   # Pinned pair known to work together (and served from a local mirror on the project's machines).
   .venv/bin/pip install -q "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}"
 fi
-if ! .venv/bin/python -c "import robustx, pytorch_lightning, hydra, wandb, safetensors, pytest, adv_lib, captum, skimage" >/dev/null 2>&1 \
+if ! .venv/bin/python -c "import robustx, pytorch_lightning, hydra, wandb, safetensors, pytest, adv_lib, captum, skimage, gradio, pyautoattack, playwright" >/dev/null 2>&1 \
    || [ pyproject.toml -nt .venv/.robustx-installed ]; then
   # adv-lib needs visdom, whose sdist still imports pkg_resources at build time: build it
   # against a setuptools that has it, without build isolation.
@@ -27,4 +27,10 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2
   (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
    || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) \
    || echo "setup: could not apt-get install dataset-fashion-mnist; train.py will try a download" >&2
+fi
+# Chromium for the explorer's browser test (tests/e2e/test_explore.py skips without it).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get install -y -qq chromium >/dev/null 2>&1 \
+   || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1)) \
+   || echo "setup: could not apt-get install chromium; the explorer's browser test will be skipped" >&2
 fi
