@@ -80,6 +80,15 @@ def test_app_through_the_python_client(served, explorer, tmp_path):
     assert [g["caption"] for g in gallery] == [f"{it['kind']} {it['class']}: {it['p_before']:.2f} -> {it['p_after']:.2f}"
                                                for it in core["items"]]
     assert sorted(Path(f).suffix for f in files) == [".json", ".png"]
+    maps_gallery, maps_files = client.predict(api_name="/baselines")
+    assert [g["caption"] for g in maps_gallery][1:] == ["gradcam", "integrated_gradients", "saliency", "smoothgrad"]
+    attack_gallery, attack_text, _ = client.predict(45, api_name="/attack")
+    res = explorer.attack(x, explorer.predicted_class(x), steps=45)
+    if res["changed"]:
+        assert f"RMSE {res['r']:.4f} flips" in attack_text and len(attack_gallery) == 5
+        assert f"Spearman {res['metrics']['spearman']:.3f}" in attack_text
+    else:
+        assert attack_text == res["message"] and attack_gallery == []
     # a non-image upload: a message in the page, and the server keeps serving
     bad = tmp_path / "notes.txt"
     bad.write_text("not an image")
