@@ -123,6 +123,22 @@ def _resolve_ckpt(path: str | None) -> str | None:
     p = Path(hydra.utils.to_absolute_path(str(path)))
     if not p.is_file():
         raise FileNotFoundError(f"ckpt_path '{path}' does not exist; point it at a Lightning .ckpt (e.g. <run>/checkpoints/last.ckpt).")
+    # Read it once here (weights only, as Lightning will) so a truncated, foreign or refused file is
+    # one line naming the file, not a traceback from inside trainer.fit.
+    import torch
+
+    try:
+        ckpt = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt files raise many types; refused globals raise UnpicklingError
+        # torch's message leads with advice to retry with weights_only=False: keep only the cause.
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        causes = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Please file", "Check the documentation"))]
+        why = (causes[0] if causes else lines[0] if lines else type(err).__name__) + " (refused by the weights-only loader)" * bool(
+            "Weights only" in str(err))
+        raise ValueError(f"ckpt_path '{path}' is not a readable Lightning checkpoint ({why[:200]}); pass the run's "
+                         "checkpoints/last.ckpt, or leave ckpt_path unset to start over.") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"ckpt_path '{path}' is not a Lightning checkpoint (no state_dict); pass the run's checkpoints/last.ckpt.")
     return str(p)
 
 

@@ -4,6 +4,7 @@ DDP simulation, multirun, resume and user errors."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -211,3 +212,25 @@ def test_ara_callback_logs_to_wandb_offline(tmp_path):
     assert "ARA epoch000 (16 images, 10 steps)" in log and " s/image)" in log
     (wandb_run,) = list((run / "wandb").glob("offline-run-*"))
     assert list(wandb_run.glob("*.wandb"))
+
+
+def test_resume_from_a_bad_checkpoint_is_one_line(tmp_path):
+    """A truncated, foreign or malicious ckpt_path: one line naming the file (before trainer.fit), no code run."""
+    import os
+    import pickle
+
+    from jobs.train import _resolve_ckpt
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'PWNED'}",))
+
+    (tmp_path / "truncated.ckpt").write_bytes(b"PK\x03\x04garbage")
+    (tmp_path / "evil.ckpt").write_bytes(pickle.dumps(Evil()))
+    torch.save(3, tmp_path / "int.ckpt")
+    for name, message in (("truncated", "is not a readable Lightning checkpoint"), ("evil", "refused by the weights-only loader"),
+                          ("int", "is not a Lightning checkpoint (no state_dict)")):
+        with pytest.raises(ValueError, match=re.escape(message)) as err:
+            _resolve_ckpt(str(tmp_path / f"{name}.ckpt"))
+        assert "\n" not in str(err.value) and "weights_only=False" not in str(err.value) and f"{name}.ckpt" in str(err.value)
+    assert not (tmp_path / "PWNED").exists()
