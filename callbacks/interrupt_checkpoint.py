@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
+from robustx.utils import distributed_failure
+
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +31,15 @@ class InterruptCheckpoint(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if trainer.global_step == 0:
             return  # nothing trained yet (e.g. the data was not found): nothing to resume
-        # Lightning writes checkpoints atomically (a temporary file, then a rename).
-        trainer.save_checkpoint(self.ckpt_path)
+        if type(exception).__name__ == "TrainingDiverged":
+            return  # resuming from the diverging step would diverge again: the last good checkpoint is named instead
+        if distributed_failure(exception) is not None:
+            return  # a peer rank is gone: saving needs its barrier (it would fail again); last.ckpt is the resume point
+        # Written atomically (callbacks.checkpoint_io): a failed save leaves no partial file.
+        try:
+            trainer.save_checkpoint(self.ckpt_path)
+        except OSError as err:  # e.g. the disk that just filled up: the original error is the one to report
+            log.warning("could not write %s (%s); resume from the last checkpoint instead", self.ckpt_path, err.strerror or err)
+            return
         if trainer.is_global_zero:
             log.info("run interrupted (%s); resume with ckpt_path=%s", type(exception).__name__, self.ckpt_path)

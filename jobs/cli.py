@@ -36,6 +36,37 @@ def run_job(job: Callable[[DictConfig], Any], cfg: DictConfig, log: logging.Logg
         log.error("%s: %s", type(err).__name__, err)
         _remove_empty_run_folder(log)
         sys.exit(2)
+    except OSError as err:
+        from robustx.io.files import DISK_FULL
+
+        if err.errno not in DISK_FULL or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        # Every write is atomic (robustx.io.files, callbacks.checkpoint_io): the file keeps its previous version.
+        log.error("disk full while writing %s (%s); that file keeps its previous version. Free space, then: %s",
+                  err.filename or "a file", os.strerror(err.errno), _resume_hint())
+        sys.exit(1)
+    except RuntimeError as err:
+        from robustx.utils import distributed_failure
+
+        cause = distributed_failure(err)
+        if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        # The survivors of a dead or stalled rank: one line each, then exit, instead of a traceback per rank.
+        rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+        log.error("rank %s: another DDP process died or stalled (%s); stopping this one too; %s", rank, cause, _resume_hint())
+        sys.exit(1)
+
+
+def _resume_hint() -> str:
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        last = Path(HydraConfig.get().runtime.output_dir) / "checkpoints" / "last.ckpt"
+        if last.is_file() and HydraConfig.get().job.name.startswith("train"):
+            return f"resume with ckpt_path={last}"
+    return "rerun the same command (finished work is cached or checkpointed where the job supports it)"
 
 
 def _remove_empty_run_folder(log: logging.Logger) -> None:

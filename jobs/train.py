@@ -114,6 +114,8 @@ def build_module(cfg: DictConfig) -> RobustClassifier:
         method=OmegaConf.to_container(cfg.method, resolve=True),
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         channels_last=bool(cfg.get("channels_last", False)),
+        on_nonfinite=str(cfg.get("on_nonfinite", "stop")),
+        max_nonfinite_skips=cfg.get("max_nonfinite_skips", 10),
     )
 
 
@@ -245,7 +247,10 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     module = build_module(cfg)
     loggers = instantiate_loggers(cfg)
     callbacks = instantiate_callbacks(cfg, has_logger=bool(loggers))
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    from callbacks.checkpoint_io import AtomicCheckpointIO
+
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                                  plugins=[AtomicCheckpointIO()])
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for lg in loggers:

@@ -27,6 +27,20 @@ DEFAULT_OPTIM: dict[str, Any] = {
 }
 
 
+NONFINITE_ACTIONS = ("stop", "skip")
+
+
+class TrainingDiverged(ValueError):
+    """Training produced a NaN/inf loss, psi or weights; the fit stops before anything bad is saved."""
+
+
+def _fix_hint(method: MethodConfig) -> str:
+    hint = "lower optim.lr"
+    if method.penalty and method.adaptive:
+        hint += " or method.l_target (adaptive psi grows without bound when the target is not reached)"
+    return hint + ", or set on_nonfinite=skip to drop such batches"
+
+
 class RobustClassifier(pl.LightningModule):
     """Classifier + regularized loss + optional adversarial examples (paper, Methods).
 
@@ -36,6 +50,11 @@ class RobustClassifier(pl.LightningModule):
         method: :class:`robustx.training.loss.MethodConfig` fields (penalty, psi, adversarial).
         optim: SGD settings; ``milestones`` are fractions of the total number of steps.
         channels_last: store activations NHWC (faster convolutions on CPU with bf16).
+        on_nonfinite: what a training step with a NaN/inf loss or psi does (not in the paper):
+            ``stop`` ends the fit with :class:`TrainingDiverged` before the optimizer step, so the
+            weights and the last checkpoint stay good; ``skip`` drops that batch (no update) and
+            stops after ``max_nonfinite_skips`` such batches in a row.
+        max_nonfinite_skips: consecutive skipped batches tolerated with ``on_nonfinite=skip`` (>= 1).
     """
 
     def __init__(
@@ -45,8 +64,14 @@ class RobustClassifier(pl.LightningModule):
         method: dict[str, Any] | None = None,
         optim: dict[str, Any] | None = None,
         channels_last: bool = False,
+        on_nonfinite: str = "stop",
+        max_nonfinite_skips: int = 10,
     ) -> None:
         super().__init__()
+        if on_nonfinite not in NONFINITE_ACTIONS:
+            raise ValueError(f"on_nonfinite={on_nonfinite!r} is not one of {NONFINITE_ACTIONS}; use stop (default) or skip.")
+        if isinstance(max_nonfinite_skips, bool) or not isinstance(max_nonfinite_skips, int) or max_nonfinite_skips < 1:
+            raise ValueError(f"max_nonfinite_skips must be an integer >= 1, got {max_nonfinite_skips!r}.")
         self.save_hyperparameters()
         self.method = MethodConfig.from_dict(dict(method or {}))
         model_cfg = dict(model)
@@ -85,6 +110,7 @@ class RobustClassifier(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.first_step = 0  # global step this fit started at (> 0 when resumed)
+        self.nonfinite_in_a_row = 0
 
     def on_train_start(self) -> None:
         self.first_step = self.trainer.global_step  # already restored from a resumed checkpoint here
@@ -106,6 +132,8 @@ class RobustClassifier(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         out = training_loss(self.model, self._layout(x), y, self.method, self.psi, reduce_mean=self._reduce_mean)
+        if self._nonfinite(out):
+            return None  # Lightning skips the backward pass and the optimizer step of this batch
         self.train_acc(out.logits.detach().argmax(1), y)
         self.log("train/loss", out.loss.detach(), prog_bar=False)
         self.log("train/ce", out.ce.detach(), prog_bar=True)
@@ -115,6 +143,37 @@ class RobustClassifier(pl.LightningModule):
             self.log("train/psi", out.psi, prog_bar=True)
             self.log("train/psi_integral", self.psi.integral)
         return out.loss
+
+    def _nonfinite(self, out) -> bool:
+        """True if this batch is skipped; raises :class:`TrainingDiverged` when the fit must stop.
+
+        One host sync per step. Under DDP the ranks agree (a sum of flags), so that no rank
+        leaves the others waiting in the gradient all-reduce.
+        """
+        bad = ~torch.isfinite(out.loss.detach().float())
+        if self.method.penalty:
+            bad = bad | (not math.isfinite(out.psi))
+        if self.trainer is not None and self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad.float(), reduce_op="sum") > 0
+        if not bool(bad):
+            self.nonfinite_in_a_row = 0
+            return False
+        step, epoch = self.global_step, self.current_epoch
+        what = (f"loss={float(out.loss.detach()):.4g} (cross-entropy {float(out.ce.detach()):.4g}"
+                + (f", penalty {float(out.penalty):.4g}, psi {out.psi:.4g}" if self.method.penalty else "") + ")")
+        self.nonfinite_in_a_row += 1
+        if self.hparams.on_nonfinite == "skip" and self.nonfinite_in_a_row <= self.hparams.max_nonfinite_skips:
+            log.warning("step %d (epoch %d): non-finite %s; batch skipped (%d in a row, at most %d)", step, epoch, what,
+                        self.nonfinite_in_a_row, self.hparams.max_nonfinite_skips)
+            return True
+        in_a_row = f" ({self.nonfinite_in_a_row} batches in a row)" if self.nonfinite_in_a_row > 1 else ""
+        raise TrainingDiverged(f"training diverged at step {step} (epoch {epoch}): non-finite {what}{in_a_row}; stopped "
+                               f"before updating the weights; {self._last_good()}; {_fix_hint(self.method)}.")
+
+    def _last_good(self) -> str:
+        cb = self.trainer.checkpoint_callback if self.trainer is not None else None
+        last = getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "")
+        return f"the last good checkpoint is {last}" if last else "no checkpoint was written before"
 
     def _eval_step(self, batch, metric, prefix: str) -> None:
         x, y = batch
@@ -142,6 +201,10 @@ class RobustClassifier(pl.LightningModule):
     # The controller state and the RNG streams travel with the checkpoint so a resumed run
     # continues exactly where the interrupted one stopped.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        bad = [n for n, t in self.model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:  # e.g. a finite loss with an overflowing gradient: never write such weights over a good checkpoint
+            raise TrainingDiverged(f"the weights became non-finite by step {self.global_step} ({len(bad)} tensors, e.g. "
+                                   f"{bad[0]}); not saving them; {self._last_good()}; {_fix_hint(self.method)}.")
         checkpoint["psi_controller"] = self.psi.state_dict()
         checkpoint["model_config"] = self.model_config
         checkpoint["torch_rng_state"] = torch.get_rng_state()

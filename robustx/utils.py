@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-__all__ = ["at_least_fp32", "draw_device", "frozen_parameters", "model_mode", "one_line"]
+__all__ = ["at_least_fp32", "distributed_failure", "draw_device", "frozen_parameters", "model_mode", "one_line"]
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -56,3 +56,22 @@ def one_line(err: BaseException | str, *, limit: int | None = None) -> str:
     """An exception (or text) on one line, whitespace squeezed (its type name if empty), at most ``limit`` characters."""
     text = " ".join(str(err).split()) or (type(err).__name__ if isinstance(err, BaseException) else "")
     return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
+
+
+# What gloo and NCCL say when a peer process died (its sockets closed) or stalled past the timeout.
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out", "timed out",
+              "Socket Timeout", "NCCL communicator was aborted", "ProcessGroupNCCL", "DistBackendError")
+
+
+def distributed_failure(err: BaseException) -> str | None:
+    """The one-line cause if ``err`` is a collective failing because another rank died or stalled, else None."""
+    import torch.distributed as dist
+
+    text = str(err)
+    lost = isinstance(err, getattr(dist, "DistError", ())) or (
+        isinstance(err, RuntimeError) and any(m in text for m in _PEER_LOST)
+        and any(b in text.lower() for b in ("gloo", "nccl", "c10d", "distributed")))
+    if not lost:
+        return None
+    first = one_line(text.split("This is typically caused")[0], limit=160)
+    return first.split("] ", 1)[-1] if first.startswith("[") else first  # drop the source-file prefix

@@ -127,6 +127,9 @@ def save_model(
 
     Returns:
         The destination path.
+
+    Raises:
+        ExportError: a tensor holds NaN/inf (nothing is written).
     """
     from safetensors.torch import save_file
 
@@ -138,6 +141,10 @@ def save_model(
         **_encode_metadata(metadata),
     }
     tensors = _cpu_tensors(model)
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:  # a diverged network is not a model: never publish it under the name of a good one
+        raise ExportError(f"refusing to export to '{path}': {len(bad)} tensors hold NaN/inf (e.g. {bad[0]}); "
+                          "the training diverged: resume from a good checkpoint with a lower learning rate.")
     with atomic_path(path, mode=_file_mode(path)) as tmp:
         save_file(tensors, str(tmp), metadata=header)
         with open(tmp, "rb") as fh:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -9,7 +10,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_path", "atomic_write", "atomic_write_json"]
+__all__ = ["DISK_FULL", "atomic_path", "atomic_write", "atomic_write_json"]
+
+#: errno values of a write that ran out of space (device, quota, or a file size limit).
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @contextmanager
@@ -19,6 +23,7 @@ def atomic_path(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterator[
     The temporary name is unique per call (``mkstemp``), so DDP ranks or concurrent jobs never
     share one; on an exception it is removed and ``path`` is left as it was. ``mode``: the file's
     permissions (``mkstemp`` makes 0600 files; results and caches are meant to be shared).
+    A full disk raises ``OSError`` naming ``path`` (the write itself only knows a file handle).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,6 +33,11 @@ def atomic_path(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterator[
         yield Path(tmp)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.errno in DISK_FULL and err.filename in (None, tmp):
+            raise OSError(err.errno, os.strerror(err.errno), str(path)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -67,11 +67,21 @@ class AdaptivePsi:
 
     @property
     def psi(self) -> float:
-        return self.psi0 * math.exp(self.k * self.integral) if self.adaptive else self.psi0
+        """psi0 * exp(k I); ``inf`` once that overflows a float (the trainer then stops, naming the cause)."""
+        if not self.adaptive:
+            return self.psi0
+        try:
+            return self.psi0 * math.exp(self.k * self.integral)
+        except OverflowError:
+            return math.inf
 
     def update(self, ce: float) -> float:
-        """Feed one batch's mean cross-entropy; return the psi to use for that batch (as the authors)."""
-        if self.adaptive:
+        """Feed one batch's mean cross-entropy; return the psi to use for that batch (as the authors).
+
+        A NaN/inf cross-entropy leaves the controller as it is: that batch's loss is not finite
+        either, and the trainer stops or skips it (``on_nonfinite``) instead of learning from it.
+        """
+        if self.adaptive and math.isfinite(ce):
             self.integral = integrator_step(
                 self.integral, ce, l_target=self.l_target, eps_better=self.eps_better, eps_worse=self.eps_worse
             )

@@ -84,7 +84,7 @@ def test_trainer_and_logger_options(trainer, logger):
     cfg = _compose([f"trainer={trainer}", f"logger={logger}"])
     assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
     if trainer == "ddp_sim":
-        assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.strategy) == ("cpu", 2, "ddp")
+        assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.strategy._target_) == ("cpu", 2, "pytorch_lightning.strategies.DDPStrategy")
 
 
 @pytest.mark.parametrize("search", sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml")))

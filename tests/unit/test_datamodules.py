@@ -397,3 +397,46 @@ def test_imagefolder_errors_and_imagenet(tmp_path):
     dm.setup()
     assert dm.val_set[0][0].shape == (3, 224, 224) and dm.train_set[0][0].shape == (3, 224, 224)
     assert dm.mean == [0.485, 0.456, 0.406]
+
+
+def _spoil(root: Path) -> list[Path]:
+    """Two bad files in train/: a truncated JPEG (opens, fails to decode) and a text file named .jpg."""
+    files = sorted((root / "train").rglob("*.jpg"))
+    data = files[1].read_bytes()
+    files[1].write_bytes(data[: len(data) // 3])
+    files[4].write_text("not an image\n")
+    return [files[1], files[4]]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_unreadable_images_are_named_in_one_line(tmp_path, num_workers):
+    from datamodules.imagefolder import BadImageError, open_image
+
+    root = make_tree(tmp_path / "med", ["a", "b"], {"train": 4, "test": 2}, size=40)
+    bad = _spoil(root)
+    dm = ImageFolderDataModule(root=str(root), num_classes=2, image_size=16, batch_size=8, num_workers=num_workers,
+                               augment=False)
+    dm.setup("fit")
+    with pytest.raises(BadImageError) as err:  # from a worker process too: its traceback is not in the message
+        _all(dm.train_dataloader())
+    msg = _assert_one_line(err)
+    assert any(f"unreadable image '{b}'" in msg for b in bad) and "data.bad_images=skip" in msg and "Traceback" not in msg
+    for b, why in zip(bad, ("(?i)truncated", "cannot identify")):  # both kinds are caught, each naming its file
+        with pytest.raises(BadImageError, match=why):
+            open_image(str(b))
+
+
+def test_unreadable_images_can_be_skipped(tmp_path, caplog):
+    root = make_tree(tmp_path / "med", ["a", "b"], {"train": 4, "test": 2}, size=40)
+    bad = _spoil(root)
+    dm = ImageFolderDataModule(root=str(root), num_classes=2, image_size=16, batch_size=8, augment=False,
+                               bad_images="skip")
+    dm.setup("fit")
+    x, y = _all(dm.train_dataloader())
+    assert x.shape[0] == 8 and len(dm.train_set) == 8  # each bad slot serves the next readable image
+    warned = [r.getMessage() for r in caplog.records if "skipping unreadable image" in r.getMessage()]
+    assert len(warned) == 2 and all(any(str(b) in w for w in warned) for b in bad)
+    _all(dm.train_dataloader())
+    assert len([r for r in caplog.records if "skipping unreadable image" in r.getMessage()]) == 2  # once per file
+    with pytest.raises(DataError, match="data.bad_images must be one of"):
+        ImageFolderDataModule(root=str(root), num_classes=2, bad_images="ignore")
