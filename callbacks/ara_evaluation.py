@@ -150,6 +150,7 @@ class ARAEvaluation(pl.Callback):
                     found[mode] += int(out[f"found_{mode}"].sum())
                     late[mode] += int((out[f"first_fail_step_{mode}"] > s["steps"] // 2).sum() + (~out[f"found_{mode}"]).sum())
         res = metric.compute()
+        r_all = {mode: metric.values(mode) for mode in ("attack", "btr")}  # collective: on every rank
         seconds = time.time() - start
         values = {
             "val/ara_attack": res["attack/ara"],
@@ -188,9 +189,9 @@ class ARAEvaluation(pl.Callback):
             for lg in trainer.loggers:
                 lg.log_metrics({prefix + k: v for k, v in values.items()}, step=trainer.global_step)
         if trainer.is_global_zero:
-            self._log_curves(trainer, metric, tag)
+            self._log_curves(trainer, r_all, tag)
             record = {"tag": tag, "epoch": trainer.current_epoch, "settings": s, "num_images": n, **res, "seconds": seconds,
-                      "r_attack": metric.values("attack").tolist(), "r_btr": metric.values("btr").tolist(),
+                      "r_attack": r_all["attack"].tolist(), "r_btr": r_all["btr"].tolist(),
                       "robust_acc": {k.removeprefix("val/robust_acc_"): v for k, v in values.items() if k.startswith("val/robust_acc_")},
                       "fixed_radius": self.fixed_radius}
             self.history.append({k: v for k, v in record.items() if not k.startswith("r_")})
@@ -198,7 +199,7 @@ class ARAEvaluation(pl.Callback):
             out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(out_dir / f"ara_{tag}.json", json.dumps(record))
 
-    def _log_curves(self, trainer: pl.Trainer, metric: ARAMetric, tag: str) -> None:
+    def _log_curves(self, trainer: pl.Trainer, r_all: dict[str, torch.Tensor], tag: str) -> None:
         try:
             from pytorch_lightning.loggers import WandbLogger
         except ImportError:  # pragma: no cover
@@ -210,7 +211,7 @@ class ARAEvaluation(pl.Callback):
 
             rows = []
             for mode in ("attack", "btr"):
-                radii, acc = ara_curve(metric.values(mode))
+                radii, acc = ara_curve(r_all[mode])
                 rows += [[mode, float(a), float(b)] for a, b in zip(radii, acc)]
             table = wandb.Table(data=rows, columns=["criterion", "rmse", "fraction_above"])
             lg.experiment.log(

@@ -17,6 +17,20 @@ USER_ERRORS = (ValueError, FileNotFoundError, MissingMandatoryValue, Interpolati
 RENAMED_KEYS = {"adversarial": "method/adversarial"}
 
 
+def register_resolvers() -> None:
+    """``${robustx_dir:PATH}``: PATH, created if missing (an Optuna SQLite file needs its folder before any job runs)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    def ensure_dir(path: str) -> str:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        return str(Path(path).resolve())
+
+    if not OmegaConf.has_resolver("robustx_dir"):
+        OmegaConf.register_new_resolver("robustx_dir", ensure_dir)
+
+
 def refuse_renamed_overrides(argv: list[str]) -> None:
     """Exit 2 with one line when a command-line override uses a renamed key (before Hydra composes)."""
     for arg in argv:

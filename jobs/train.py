@@ -144,6 +144,44 @@ def _resolve_ckpt(path: str | None) -> str | None:
     return str(p)
 
 
+def _own_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
+    """This job's own ``checkpoints/last.ckpt`` when it is to resume by itself (``auto_resume``), else None.
+
+    ``auto``: only inside a cluster job (submitit sets SUBMITIT_FOLDER), where a job that timed out or
+    was preempted is requeued with the same config and output folder and must go on where it stopped,
+    as a manual ``ckpt_path=`` resume does; ``true``: always; ``false``: never.
+    """
+    mode = str(cfg.get("auto_resume", "auto")).lower()
+    if mode not in ("auto", "true", "false"):
+        raise ValueError(f"auto_resume must be auto, true or false, got {cfg.get('auto_resume')!r}.")
+    if mode == "false" or (mode == "auto" and "SUBMITIT_FOLDER" not in os.environ):
+        return None
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return None
+    log.info("resuming this job from its own checkpoint %s (auto_resume=%s: a requeued or restarted job)", last, mode)
+    return str(last)
+
+
+def submitit_ranks() -> None:
+    """Give Lightning the ranks of a several-task submitit job that SLURM does not describe (the local executor).
+
+    Under SLURM, Lightning's SLURMEnvironment reads srun's variables. submitit's local executor starts
+    ``tasks_per_node`` processes with its own variables only; without these Lightning would spawn
+    more processes from each task. LOCAL_RANK/WORLD_SIZE/... make it use them as they are.
+    """
+    if "SUBMITIT_FOLDER" not in os.environ or "SLURM_NTASKS" in os.environ or "LOCAL_RANK" in os.environ:
+        return
+    import submitit
+
+    env = submitit.JobEnvironment()
+    if env.num_tasks <= 1:
+        return
+    port = 20000 + int("".join(c for c in str(env.job_id) if c.isdigit()) or 0) % 20000
+    os.environ.update(LOCAL_RANK=str(env.local_rank), NODE_RANK=str(env.node), WORLD_SIZE=str(env.num_tasks),
+                      MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"), MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+
+
 def _refuse_existing_run(output_dir: Path, ckpt_path: str | None) -> None:
     """A run folder that holds an earlier run's checkpoints or metrics is resumed only on request.
 
@@ -205,6 +243,33 @@ def train(cfg: DictConfig) -> dict[str, float]:
         _teardown_distributed(env_before)
 
 
+def objective(metrics: dict[str, float], cfg: DictConfig) -> float | None:
+    """The number a Hydra sweeper optimizes: ``optimized_metric``, or ``objective_floor.penalty`` below the floor.
+
+    ``objective_floor`` (``{metric, min, penalty}``; ``min: null`` turns it off) is the clean-accuracy
+    constraint of a robustness sweep: a trial that buys ARA with accuracy below ``min`` scores ``penalty``.
+    Outside a multirun a missing metric is None (a single run need not log it); in a sweep it is an error.
+    """
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            hint = " (the ARA metrics need callbacks=ara with every_n_epochs > 0)" if "ara" in name else ""
+            raise ValueError(f"optimized_metric '{name}' was not logged{hint}; logged: {', '.join(sorted(metrics))}.")
+        return None
+    value = float(metrics[name])
+    floor = cfg.get("objective_floor") or {}
+    if floor.get("min") is not None:
+        if floor.get("metric") not in metrics:
+            raise ValueError(f"objective_floor.metric '{floor.get('metric')}' was not logged; logged: {', '.join(sorted(metrics))}.")
+        if float(metrics[floor["metric"]]) < float(floor["min"]):
+            log.info("objective: %s=%.4f is below the floor %s; this trial scores %s instead of %s=%.4f", floor["metric"],
+                     float(metrics[floor["metric"]]), floor["min"], floor.get("penalty", 0.0), name, value)
+            return float(floor.get("penalty", 0.0))
+    return value
+
+
 def _finish_wandb() -> None:
     """End this job's W&B run, so that the next job of a multirun starts its own.
 
@@ -240,7 +305,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     prepare_ddp_relaunch()
     output_dir = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
-    ckpt_path = _resolve_ckpt(cfg.get("ckpt_path"))
+    submitit_ranks()
+    ckpt_path = _resolve_ckpt(cfg.get("ckpt_path") or _own_checkpoint(cfg, output_dir))
     _refuse_existing_run(output_dir, ckpt_path)
 
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")

@@ -11,7 +11,7 @@ if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
   # Pinned pair known to work together (and served from a local mirror on the project's machines).
   .venv/bin/pip install -q "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}"
 fi
-if ! .venv/bin/python -c "import robustx, pytorch_lightning, hydra, wandb, safetensors, pytest, adv_lib, captum, skimage, gradio, pyautoattack, playwright" >/dev/null 2>&1 \
+if ! .venv/bin/python -c "import robustx, pytorch_lightning, hydra, wandb, safetensors, pytest, adv_lib, captum, skimage, gradio, pyautoattack, playwright, submitit, optuna" >/dev/null 2>&1 \
    || [ pyproject.toml -nt .venv/.robustx-installed ]; then
   # adv-lib needs visdom, whose sdist still imports pkg_resources at build time: build it
   # against a setuptools that has it, without build isolation.

@@ -131,7 +131,7 @@ def save_model(
     Raises:
         ExportError: a tensor holds NaN/inf (nothing is written).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     header = {
@@ -145,9 +145,13 @@ def save_model(
     if bad:  # a diverged network is not a model: never publish it under the name of a good one
         raise ExportError(f"refusing to export to '{path}': {len(bad)} tensors hold NaN/inf (e.g. {bad[0]}); "
                           "the training diverged: resume from a good checkpoint with a lower learning rate.")
+    # Serialized in memory, written by Python: a full disk is an OSError naming the file (safetensors'
+    # own file writer reports it as a SafetensorError without the errno).
+    data = save(tensors, metadata=header)
     with atomic_path(path, mode=_file_mode(path)) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
-        with open(tmp, "rb") as fh:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
             os.fsync(fh.fileno())  # the weights are on disk before the rename publishes them
     logger.info("saved %d tensors to %s", len(tensors), path)
     return path

@@ -59,6 +59,11 @@ class ARAMetric(Metric):
         return out
 
     def values(self, mode: str) -> torch.Tensor:
-        """All r_i of one criterion, ordered by image id (after sync under DDP)."""
-        idx = self._gathered("index")
-        return self._gathered(f"r_{mode}")[torch.argsort(idx, stable=True)].cpu()
+        """All r_i of one criterion, ordered by image id, gathered from every DDP rank.
+
+        A collective call under DDP: every rank must make it (``compute`` syncs only for its own
+        duration, so the states here are each rank's shard until synced again).
+        """
+        with self.sync_context(should_sync=not self._is_synced, should_unsync=not self._is_synced):
+            idx = self._gathered("index")
+            return self._gathered(f"r_{mode}")[torch.argsort(idx, stable=True)].cpu()

@@ -231,8 +231,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, r_a, r_b, out_file: str) 
     ids = torch.arange(rank, len(r_a), world)
     m.update(r_a[ids], r_b[ids], ids)
     res = m.compute()
+    values = {mode: m.values(mode) for mode in ("attack", "btr")}  # every rank: a collective
     if rank == 0:
-        torch.save({k: torch.tensor(v) for k, v in res.items()}, out_file)
+        torch.save({**{k: torch.tensor(v) for k, v in res.items()}, **{f"values_{k}": v for k, v in values.items()}}, out_file)
     dist.destroy_process_group()
 
 
@@ -249,6 +250,8 @@ def test_metric_under_ddp_equals_single_process(tmp_path):
     ref = single.compute()
     for k, v in ref.items():
         assert float(ddp[k]) == pytest.approx(v, rel=1e-6), k
+    # the r_i themselves (ara_*.json, the W&B curves): all 101, not rank 0's shard
+    assert torch.equal(ddp["values_attack"], r_a.double()) and torch.equal(ddp["values_btr"], r_b.double())
 
 
 def test_compile_unavailable_falls_back_to_eager_with_one_warning(monkeypatch, caplog):

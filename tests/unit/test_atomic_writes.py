@@ -28,9 +28,13 @@ def test_full_disk_keeps_the_previous_file_and_names_it(tmp_path):
         sys.path.insert(0, {str(ROOT)!r})
         from robustx.io.files import atomic_write
         from callbacks.checkpoint_io import AtomicCheckpointIO
+        from robustx.io.export import save_model
+        from robustx.models import SmallCNN
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
         for write in (lambda: atomic_write({str(target)!r}, "x" * 100_000),
-                      lambda: AtomicCheckpointIO().save_checkpoint({{"w": torch.zeros(100_000)}}, {str(tmp_path / 'last.ckpt')!r})):
+                      lambda: AtomicCheckpointIO().save_checkpoint({{"w": torch.zeros(100_000)}}, {str(tmp_path / 'last.ckpt')!r}),
+                      lambda: save_model(SmallCNN(), {str(tmp_path / 'model.safetensors')!r},
+                                         model_config={{"_target_": "robustx.models.SmallCNN"}})):
             try:
                 write()
             except OSError as err:
@@ -38,7 +42,9 @@ def test_full_disk_keeps_the_previous_file_and_names_it(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True).stdout.split("\n")
     assert out[0] == f"{errno.EFBIG} {target}" and out[1] == f"{errno.EFBIG} {tmp_path / 'last.ckpt'}"
+    assert out[2] == f"{errno.EFBIG} {tmp_path / 'model.safetensors'}"
     assert target.read_text() == "previous" and not (tmp_path / "last.ckpt").exists() and _leftovers(tmp_path) == []
+    assert not (tmp_path / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("fault", [KeyboardInterrupt, MemoryError])

@@ -88,8 +88,19 @@ def test_trainer_and_logger_options(trainer, logger):
 
 
 @pytest.mark.parametrize("search", sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml")))
-def test_hparams_search_composes(search):
+def test_hparams_search_composes(search, tmp_path, monkeypatch):
+    monkeypatch.setenv("ROBUSTX_ROOT", str(tmp_path))  # the Optuna storage path creates logs/optuna/ there
     cfg = _compose([f"hparams_search={search}", "method=pgd"])
+    if search.startswith("optuna"):
+        from jobs.cli import register_resolvers
+
+        register_resolvers()  # train.py does this: ${robustx_dir:...} of the SQLite path
+        sweeper = cfg.hydra.sweeper
+        assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+        assert sweeper.storage.startswith("sqlite:///") and cfg.optimized_metric == "val/ara_btr"
+        if search == "optuna":  # the shared settings; each optuna_* option adds its knob
+            return
+        assert sweeper.study_name == f"default_{search.removeprefix('optuna_')}"
     assert cfg.hydra.sweeper.params
 
 

@@ -86,12 +86,12 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     dst = save_model(model, tmp_path / "m.safetensors", model_config=cfg, metadata={"v": 1})
     before = dst.read_bytes()
 
-    def boom(tensors, filename, metadata=None):
-        with open(filename, "wb") as fh:
-            fh.write(b"partial")
+    import robustx.io.export as export
+
+    def boom(fd):  # the bytes were written; the disk fails before they are durable
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(export.os, "fsync", boom)
     with pytest.raises(OSError, match="disk full"):
         save_model(SmallCNN(), dst, model_config=cfg, metadata={"v": 2})
     with pytest.raises(OSError):
