@@ -20,9 +20,11 @@ class CheckpointError(ValueError):
 def load_classifier(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Load (model in eval mode, info) from a Lightning ``.ckpt``, an exported ``.safetensors`` or an authors' ``.pt``.
 
-    Lightning checkpoints are read with ``torch.load(weights_only=True)`` and rebuilt from the
-    allowlisted model config they carry; exports need no pickle at all; the authors' legacy
-    files go through :mod:`robustx.io.legacy`'s restricted loader.
+    Lightning checkpoints are pre-scanned by :func:`robustx.io.pickle_scan.scan_checkpoint` (size
+    cap :data:`~robustx.io.pickle_scan.CKPT_MAX_BYTES`, globals, depth, claimed storage sizes), then
+    read with ``torch.load(weights_only=True)`` and rebuilt from the allowlisted model config they
+    carry; exports need no pickle at all; the authors' legacy files go through
+    :mod:`robustx.io.legacy`'s restricted loader (scanned the same way).
     """
     path = Path(path)
     if not path.is_file():
@@ -31,7 +33,11 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if suffix == ".safetensors":
         from robustx.io.export import load_model
 
-        model, meta = load_model(path)
+        try:
+            model, meta = load_model(path)
+        except RecursionError:  # json.loads of a model_config nested thousands deep
+            raise CheckpointError(f"refusing to load '{path}': its header metadata nests JSON too deeply to decode; "
+                                  "re-export it with robustx.io.export.save_model.") from None
         return model, {"format": "safetensors", "model_config": meta["model_config"], "metadata": meta}
     if suffix == ".pt":
         from robustx.io.legacy import import_reference_checkpoint
@@ -39,10 +45,20 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         model, info = import_reference_checkpoint(path)
         return model, {"format": "reference", **info}
     if suffix == ".ckpt":
+        from robustx.io.pickle_scan import CKPT_MAX_BYTES, PickleScanError, scan_checkpoint
+
+        try:  # opcodes first (nothing built): bounded memory and depth before torch.load builds anything
+            scan_checkpoint(path, max_file_bytes=CKPT_MAX_BYTES)
+        except PickleScanError as err:
+            raise CheckpointError(f"refusing to load '{path}' as a Lightning checkpoint: {err}; pass the run's "
+                                  "checkpoints/last.ckpt or its model.safetensors.") from None
+        except OSError as err:
+            raise CheckpointError(f"cannot read '{path}' ({err.strerror or err}).") from None
         try:
             ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as err:  # corrupt files raise many types
-            raise CheckpointError(f"'{path}' is not a readable Lightning checkpoint ({str(err).splitlines()[0]}).") from None
+            raise CheckpointError(f"'{path}' is not a readable Lightning checkpoint "
+                                  f"({(str(err).strip().splitlines() or [type(err).__name__])[0][:200]}).") from None
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_config"), dict) or not isinstance(ckpt.get("state_dict"), dict):
             raise CheckpointError(f"'{path}' was not written by this project's RobustClassifier (no model_config/state_dict); "
                                   "pass the run's checkpoints/last.ckpt or its model.safetensors.")
@@ -60,7 +76,8 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         except CheckpointError:
             raise
         except (ValueError, RuntimeError, TypeError, OverflowError) as err:
-            raise CheckpointError(f"'{path}' holds a model robustx cannot rebuild ({str(err).splitlines()[0][:200]}).") from None
+            why = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise CheckpointError(f"'{path}' holds a model robustx cannot rebuild ({why}).") from None
         return model.eval(), {"format": "lightning", "model_config": ckpt["model_config"], "epoch": ckpt.get("epoch")}
     raise CheckpointError(f"unknown checkpoint format '{suffix}' for '{path}'; use .ckpt, .safetensors or an authors' .pt.")
 

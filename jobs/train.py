@@ -129,6 +129,15 @@ def _resolve_ckpt(path: str | None) -> str | None:
     # one line naming the file, not a traceback from inside trainer.fit.
     import torch
 
+    from robustx.io.pickle_scan import CKPT_MAX_BYTES, PickleScanError, scan_checkpoint
+
+    try:  # the opcodes first (nothing built): memory and recursion bombs are refused before torch.load
+        scan_checkpoint(p, max_file_bytes=CKPT_MAX_BYTES)
+    except PickleScanError as err:
+        raise ValueError(f"ckpt_path '{path}' is not a readable Lightning checkpoint ({err}; refused by the weights-only "
+                         "loader's opcode scan); pass the run's checkpoints/last.ckpt, or leave ckpt_path unset to start over.") from None
+    except OSError as err:
+        raise ValueError(f"ckpt_path '{path}' cannot be read ({err.strerror or err}).") from None
     try:
         ckpt = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt files raise many types; refused globals raise UnpicklingError
@@ -141,6 +150,10 @@ def _resolve_ckpt(path: str | None) -> str | None:
                          "checkpoints/last.ckpt, or leave ckpt_path unset to start over.") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise ValueError(f"ckpt_path '{path}' is not a Lightning checkpoint (no state_dict); pass the run's checkpoints/last.ckpt.")
+    missing = [k for k in ("optimizer_states", "lr_schedulers") if not isinstance(ckpt.get(k), list)]
+    if missing:  # Lightning would stop inside trainer.fit with a KeyError traceback
+        raise ValueError(f"ckpt_path '{path}' holds weights but no training state ({', '.join(missing)} missing: saved with "
+                         "save_weights_only?); resume from the run's checkpoints/last.ckpt, or start over and load the weights.")
     return str(p)
 
 

@@ -190,6 +190,9 @@ def _decode_metadata(path: Path, raw: Mapping[str, str]) -> dict[str, Any]:
             continue
         try:
             out[key] = json.loads(value)
+        except RecursionError:  # nested deeper than the JSON decoder's stack: no config of ours is
+            raise ExportError(f"'{path}' has metadata '{key}' nested too deeply to read; it was not written by "
+                              "robustx.io.export.save_model.") from None
         except ValueError:
             if key == "model_config":
                 raise ExportError(

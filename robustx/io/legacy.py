@@ -5,7 +5,11 @@ The files are legacy (non-zip) ``torch.save`` pickles holding ``{'model_params':
 ``__main__.cifar10_preprocess``. They are read with ``torch.load(weights_only=True)`` (torch's
 restricted unpickler) inside :func:`torch.serialization.safe_globals`, which maps that one name
 to an inert placeholder. Every other global (``os.system``, ``builtins.eval``, ...) is refused
-before it can run, and the placeholder itself refuses to be called.
+before it can run, and the placeholder itself refuses to be called. Before that,
+:func:`robustx.io.pickle_scan.scan_checkpoint` reads the pickles' opcodes (nothing is built) and
+refuses files over :data:`~robustx.io.pickle_scan.LEGACY_MAX_BYTES`, memory bombs (storages
+claiming more bytes than the file holds, huge ``bytearray`` sizes) and recursion bombs (deep
+nesting, reference cycles), so every refusal is one line and memory stays bounded.
 
 Command line::
 
@@ -27,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from robustx.io import pickle_scan
 from robustx.io.export import save_model
 from robustx.models import ModelConfigError, build_model
 from robustx.utils import one_line
@@ -90,6 +95,24 @@ def _inner_reason(message: str) -> str:
     return one_line(parts[-1] if parts else message)[:200]
 
 
+def _scan_refusal(path: Path, err: pickle_scan.PickleScanError) -> LegacyCheckpointError:
+    """The one-line error for a file the opcode pre-scan refused."""
+    if err.called:
+        return LegacyCheckpointError(
+            f"refusing to load '{path}': it asks to call '{err.global_name}', which the reference "
+            f"checkpoints only name; {_ADVICE}."
+        )
+    if err.malformed:
+        return LegacyCheckpointError(
+            f"cannot read '{path}' safely ({err}): it is truncated or not one of the authors' checkpoints; {_ADVICE}."
+        )
+    return LegacyCheckpointError(f"refusing to load '{path}': {err}; {_ADVICE}.")
+
+
+#: Largest tensor copied into ``training_options`` as a JSON list (the real files hold none).
+_JSON_TENSOR_LIMIT = 1024
+
+
 def _replace_placeholder(obj: Any) -> Any:
     """Copy of ``obj`` with every placeholder reference replaced by its name."""
     if obj is _cifar10_preprocess_placeholder:
@@ -107,6 +130,8 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_json_safe(v) for v in obj]
     if isinstance(obj, torch.Tensor):
+        if obj.numel() > _JSON_TENSOR_LIMIT:  # a list of Python floats takes ~8x the tensor's memory
+            return f"<tensor of shape {list(obj.shape)}, {obj.dtype}>"
         return obj.tolist()
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
@@ -133,6 +158,16 @@ def read_reference_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, t
             f"no checkpoint at '{path}'; pass one of the authors' resnet44-*.pt files "
             "(see shared/reference-checkpoints/README.md)."
         )
+    try:  # opcodes first: bounded memory and depth, one line for every refusal
+        pickle_scan.scan_checkpoint(
+            path,
+            max_file_bytes=pickle_scan.LEGACY_MAX_BYTES,
+            allowed_globals=pickle_scan.CHECKPOINT_GLOBALS | {PREPROCESS_NAME},
+        )
+    except pickle_scan.PickleScanError as err:
+        raise _scan_refusal(path, err) from None
+    except OSError as err:
+        raise LegacyCheckpointError(f"cannot read '{path}' ({_describe(err)}).") from None
     try:
         with torch.serialization.safe_globals([(_cifar10_preprocess_placeholder, PREPROCESS_NAME)]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -185,14 +220,19 @@ def _model_config(path: Path, opts: Mapping[str, Any], state: Mapping[str, torch
     except (KeyError, TypeError, ValueError):
         raise LegacyCheckpointError(
             f"'{path}' has no usable training_options['arch'] (expected [size, preprocess, "
-            f"block_lens, widths, num_classes], got {opts.get('arch')!r})."
+            f"block_lens, widths, num_classes], got {one_line(repr(opts.get('arch')), limit=120)})."
         ) from None
     if len(set(block_lens)) != 1 or len(block_lens) != len(widths):
         raise LegacyCheckpointError(
             f"'{path}' has arch {block_lens}/{widths}; PreActResNet needs one block count for every stage."
         )
     if "input_offset" in state:
-        mean, std = state["input_offset"].tolist()
+        offset = state["input_offset"]
+        if offset.dim() != 2 or offset.shape[0] != 2 or offset.shape[1] > 16:
+            raise LegacyCheckpointError(
+                f"'{path}' has an input_offset of shape {list(offset.shape)}; the paper's networks store (2, channels)."
+            )
+        mean, std = offset.tolist()
     else:
         try:
             mean, std = opts["input_offset"]
@@ -230,11 +270,34 @@ def import_reference_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module
     path = Path(path)
     state, opts = read_reference_checkpoint(path)
     config = _model_config(path, opts, state)
+    blocks = (config["depth"] - 2) // 6 * len(config["widths"])
+    if blocks > len(state):  # every block holds tensors: bounds the skeleton built below
+        raise LegacyCheckpointError(
+            f"'{path}' has an arch of {blocks} blocks but only {len(state)} tensors; "
+            "it is not one of the authors' checkpoints."
+        )
     try:
+        # A skeleton on the meta device first: widths read from the file (negative, huge) are
+        # checked against its tensors before any memory is allocated.
+        with torch.device("meta"):
+            skeleton = build_model(config)
+        shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        bad = sorted(k for k in set(shapes) | set(state) if shapes.get(k) != (tuple(state[k].shape) if k in state else None))
+        if bad:
+            raise LegacyCheckpointError(
+                f"'{path}' does not match the paper's PreActResNet layout for its arch "
+                f"({len(bad)} missing, unexpected or mis-shaped tensors, e.g. {bad[:2]})."
+            )
         model = build_model(config)
+    except LegacyCheckpointError:
+        raise
     except ModelConfigError as err:
         raise LegacyCheckpointError(
             f"'{path}' describes a network robustx cannot build ({one_line(err).rstrip('.')})."
+        ) from None
+    except (ValueError, RuntimeError, TypeError, OverflowError) as err:
+        raise LegacyCheckpointError(
+            f"'{path}' describes a network robustx cannot build ({one_line(err)[:200]})."
         ) from None
     try:
         model.load_state_dict(state, strict=True)
@@ -264,7 +327,7 @@ def convert_reference_checkpoint(src: str | os.PathLike[str], dst: str | os.Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m robustx.io.legacy SRC [SRC ...] --out DIR``; returns the exit status."""
+    """``python -m robustx.io.legacy SRC [SRC ...] --out DIR``; returns the exit status (2: a file was refused)."""
     parser = argparse.ArgumentParser(
         prog="python -m robustx.io.legacy",
         description="Convert the paper authors' reference checkpoints to safetensors without running pickled code.",
@@ -287,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{src} -> {dst}")
     if failures:
         logger.error("%d of %d checkpoints failed to convert", failures, len(args.src))
-    return 1 if failures else 0
+    return 2 if failures else 0  # the entry points' code for a user error: one line per file says why
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def test_cli(tmp_path, capsys):
     assert legacy.main([str(src), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "resnet44-standard.safetensors").is_file()
     assert "resnet44-standard.safetensors" in capsys.readouterr().out
-    assert legacy.main([str(tmp_path / "absent.pt"), "--out", str(tmp_path / "out")]) == 1
+    assert legacy.main([str(tmp_path / "absent.pt"), "--out", str(tmp_path / "out")]) == 2
 
 
 class _RunsShell:

@@ -72,3 +72,12 @@ def test_lightning_checkpoints_that_are_not_ours(tmp_path):
         with pytest.raises(CheckpointError, match=message) as err:
             load_classifier(tmp_path / f"{name}.ckpt")
         assert "\n" not in str(err.value), name
+
+
+def test_export_with_deeply_nested_metadata_is_one_line(tmp_path, export):
+    _, tensors, meta = export
+    bad = tmp_path / "deep.safetensors"
+    save_file(tensors, str(bad), metadata={**meta, "source": "[" * 200_000 + "]" * 200_000})
+    with pytest.raises(ExportError, match="nested too deeply") as err:
+        load_model(bad)
+    assert "\n" not in str(err.value)
