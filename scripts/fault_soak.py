@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TRAIN = ["+experiment=demo", "logger=csv", "test=false", "data.limit_train=1024", "data.limit_val=256",
+TRAIN = ["+experiment=demo", "logger=csv", "test=false", "data.limit_train=2048", "data.limit_val=256",
          "trainer.max_epochs=3", "trainer.enable_progress_bar=false", "method.l_target=3.0"]
 EVAL = ["data=fashion_mnist", "ara.protocol=cheap", "ara.steps=12", "ara.num_images=32", "ara.batch_size=8",
         "ara.bootstrap=50", "cross_check.attacks=[alma]", "cross_check.steps=30", "fixed_radius.version=none",
@@ -46,23 +46,33 @@ def _run(script: str, args: list[str], work: Path) -> subprocess.CompletedProces
     return proc
 
 
-def _kill_at(script: str, args: list[str], work: Path, *, after: float | None, watch: Path | None = None,
-             nth_write: int = 1) -> dict:
-    """Start the job; SIGKILL it ``after`` seconds in, or while its ``nth_write``-th temporary file is in ``watch``."""
+def _kill_at(script: str, args: list[str], work: Path, *, after: float | None = None, watch: Path | None = None,
+             nth_write: int = 1, event=None, delay: float = 0.0) -> dict:
+    """Start the job; SIGKILL it ``after`` seconds in, ``delay`` seconds after ``event()`` first holds, or while
+    its ``nth_write``-th temporary file is in ``watch``.
+
+    Progress events (a checkpoint or cache record appearing) place the kills in the work itself whatever the
+    machine's load; wall-clock times alone landed mostly in the imports or after the end on a loaded machine.
+    """
     start = time.time()
     proc = subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=work, env=_env(work),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    mid_write, seen = False, set()
+    mid_write, seen, fired = False, set(), None
     while proc.poll() is None:
         now = time.time() - start
         if after is not None and now >= after:
             break
+        if event is not None:
+            if fired is None and event():
+                fired = now
+            if fired is not None and now >= fired + delay:
+                break
         if watch is not None and watch.is_dir():
             seen |= {e.name for e in os.scandir(watch) if e.name.endswith(".tmp")}
             if len(seen) >= nth_write:
                 mid_write = True
                 break
-        time.sleep(0.001 if watch is not None else 0.02)
+        time.sleep(0.001 if watch is not None else 0.01)
     finished = proc.poll() is not None
     if not finished:
         proc.send_signal(signal.SIGKILL)
@@ -70,6 +80,22 @@ def _kill_at(script: str, args: list[str], work: Path, *, after: float | None, w
     left_tmp = watch is not None and watch.is_dir() and any(e.name.endswith(".tmp") for e in os.scandir(watch))
     return {"killed_after_s": round(time.time() - start, 2), "finished_before_kill": finished,
             "killed_mid_write": bool(mid_write and left_tmp)}
+
+
+def _timed(script: str, args: list[str], work: Path, watch: Path) -> tuple[float, float]:
+    """Run the uninterrupted reference; return (seconds until its first file appears in ``watch``, total seconds)."""
+    start = time.time()
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=work, env=_env(work),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = None
+    while proc.poll() is None:
+        if first is None and watch.is_dir() and any(watch.rglob("*")):
+            first = time.time() - start
+        time.sleep(0.02)
+    if proc.returncode != 0:
+        raise SystemExit(f"{script} failed ({proc.returncode}):\n{proc.stderr.read()[-2000:]}")
+    total = time.time() - start
+    return (first if first is not None else total / 2), total
 
 
 def _check_files(folder: Path) -> dict:
@@ -114,17 +140,23 @@ def _weights_diff(a: Path, b: Path) -> float:
 def soak_training(work: Path, data_root: str, n: int, rng: random.Random) -> list[dict]:
     ref = work / "train_ref"
     args = [*TRAIN, f"data.root={data_root}"]
-    t0 = time.time()
-    _run("train.py", [*args, f"hydra.run.dir={ref}"], work)
-    duration = time.time() - t0
+    first, duration = _timed("train.py", [*args, f"hydra.run.dir={ref}"], work, ref / "checkpoints")
+    epoch_s = (duration - first) / 2  # epochs 2 and 3 (and the export) came after the first checkpoint
     ref_metrics = json.loads((ref / "metrics.json").read_text())["metrics"]
     trials = []
     for i in range(n):
         killed, resumed = work / f"train_{i:02d}" / "killed", work / f"train_{i:02d}" / "resumed"
         during_write = i % 2 == 1  # every other kill waits for a checkpoint write in progress
-        info = _kill_at("train.py", [*args, f"hydra.run.dir={killed}"], work,
-                        after=None if during_write else rng.uniform(0.4, 0.95) * duration,  # mostly past the imports
-                        watch=killed / "checkpoints" if during_write else None, nth_write=rng.randint(1, 5))
+        if during_write:
+            info = _kill_at("train.py", [*args, f"hydra.run.dir={killed}"], work, watch=killed / "checkpoints",
+                            nth_write=rng.randint(1, 5))
+        else:  # a random point of a random epoch: after its start (fit start, or the previous epoch's checkpoint)
+            k = rng.randint(0, 2)
+            started = (lambda k=k, d=killed: (d / "csv").is_dir() and (k == 0 or len(
+                [f for f in (d / "checkpoints").glob("epoch_*.ckpt")]) >= k))
+            info = _kill_at("train.py", [*args, f"hydra.run.dir={killed}"], work, event=started,
+                            delay=rng.uniform(0, epoch_s))
+            info["epoch_killed_in"] = k
         files = _check_files(killed)
         last = killed / "checkpoints" / "last.ckpt"
         resume = [f"ckpt_path={last}"] if last.is_file() else []
@@ -154,15 +186,19 @@ def soak_evaluation(work: Path, data_root: str, n: int, rng: random.Random) -> l
     cfg = {"_target_": "robustx.models.SmallCNN", "channels": [8, 8, 8], "hidden": 16}
     ckpt = save_model(SmallCNN(channels=(8, 8, 8), hidden=16), work / "eval_model.safetensors", model_config=cfg)
     common = [f"ckpt={ckpt}", *EVAL, f"data.root={data_root}"]
-    t0 = time.time()
-    _run("eval.py", [*common, "cache=false", f"hydra.run.dir={work / 'eval_ref'}"], work)
-    duration = time.time() - t0
+    first, duration = _timed("eval.py", [*common, f"paths.log_dir={work / 'eval_ref_cache'}",
+                                          f"hydra.run.dir={work / 'eval_ref'}"], work, work / "eval_ref_cache" / "eval_cache")
     ref = json.loads((work / "eval_ref" / "eval_model.json").read_text())
+    units = len(list((work / "eval_ref_cache" / "eval_cache").glob("*/*.json")))
+    unit_s = (duration - first) / units
     trials = []
     for i in range(n):
         cache_root = work / f"eval_{i:02d}"
         args = [*common, f"paths.log_dir={cache_root}", f"hydra.run.dir={cache_root / 'out'}"]
-        info = _kill_at("eval.py", args, work, after=rng.uniform(0.3, 0.9) * duration)  # past the imports
+        k = rng.randint(1, units)  # after a random number of the cache records (batch x criterion/attack)
+        records = (lambda k=k, d=cache_root: len(list((d / "eval_cache").glob("*/*.json"))) >= k)
+        info = _kill_at("eval.py", args, work, event=records, delay=rng.uniform(0, unit_s))
+        info["records_before_kill"] = k
         files = _check_files(cache_root)
         proc = _run("eval.py", args, work)
         res = json.loads((cache_root / "out" / "eval_model.json").read_text())
