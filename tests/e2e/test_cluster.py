@@ -31,6 +31,7 @@ def _env(tmp_path: Path) -> dict:
     return e
 
 
+@pytest.mark.slow
 def test_submitit_local_multirun_runs_each_job_in_its_own_folder_with_ddp_tasks(tmp_path):
     # trainer=ddp_sim: two submitit tasks per job (tasks_per_node = trainer.devices), each one DDP rank.
     run_script("train.py", tmp_path, "-m", "+experiment=demo", "hydra/launcher=local", "trainer=ddp_sim", "logger=csv",

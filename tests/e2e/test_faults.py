@@ -70,6 +70,7 @@ def _limit_file_size(limit: int):
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
 
+@pytest.mark.slow
 def test_disk_full_during_evaluation_keeps_the_cache_and_the_rerun_resumes(tmp_path):
     from robustx.io.export import save_model
     from robustx.models import SmallCNN
