@@ -49,7 +49,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -64,21 +63,11 @@ sys.path.insert(0, str(ROOT / "scripts"))  # make_imagenet_like
 sys.path.insert(0, str(ROOT / "bench"))  # bench_flops
 
 from datamodules.imagefolder import open_image  # noqa: E402
+from jobs.bench import cpu_name  # noqa: E402
 
 CONF = ROOT / "conf"
 DATA_CONF = CONF / "data" / "imagenet.yaml"
 CLASSES = 10
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (platform's answer where there is none)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load1() -> float:
@@ -506,7 +495,7 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {
         "command": "python bench/bench_input_pipeline.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
                     "torchvision": torchvision.__version__, "pillow": PIL.__version__,
                     "libjpeg_turbo": features.version("libjpeg_turbo"),  # None: Pillow built on plain libjpeg
                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},

@@ -45,7 +45,8 @@ def _overrides() -> tuple[str, list[str]]:
         return "", []
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform's answer where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -140,7 +141,7 @@ def evaluate_run(cfg: DictConfig, output_dir: Path, result: dict[str, Any]) -> d
             "search_seconds": res["seconds_by_stage"]["search"],
             "wall_seconds": eval_wall,
         },
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), **versions()},
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), **versions()},
         "output_dir": str(output_dir),
     }
     atomic_write(output_dir / "bench.json", json.dumps(out, indent=1))

@@ -45,20 +45,11 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         model, info = import_reference_checkpoint(path)
         return model, {"format": "reference", **info}
     if suffix == ".ckpt":
-        from robustx.io.pickle_scan import CKPT_MAX_BYTES, PickleScanError, scan_checkpoint
-
-        try:  # opcodes first (nothing built): bounded memory and depth before torch.load builds anything
-            scan_checkpoint(path, max_file_bytes=CKPT_MAX_BYTES)
-        except PickleScanError as err:
-            raise CheckpointError(f"refusing to load '{path}' as a Lightning checkpoint: {err}; pass the run's "
-                                  "checkpoints/last.ckpt or its model.safetensors.") from None
-        except OSError as err:
-            raise CheckpointError(f"cannot read '{path}' ({err.strerror or err}).") from None
         try:
-            ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as err:  # corrupt files raise many types
-            raise CheckpointError(f"'{path}' is not a readable Lightning checkpoint "
-                                  f"({(str(err).strip().splitlines() or [type(err).__name__])[0][:200]}).") from None
+            ckpt = read_lightning_checkpoint(path)
+        except CheckpointError as err:
+            raise CheckpointError(f"'{path}' is not a readable Lightning checkpoint ({err}); pass the run's "
+                                  "checkpoints/last.ckpt or its model.safetensors.") from None
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_config"), dict) or not isinstance(ckpt.get("state_dict"), dict):
             raise CheckpointError(f"'{path}' was not written by this project's RobustClassifier (no model_config/state_dict); "
                                   "pass the run's checkpoints/last.ckpt or its model.safetensors.")
@@ -80,6 +71,32 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
             raise CheckpointError(f"'{path}' holds a model robustx cannot rebuild ({why}).") from None
         return model.eval(), {"format": "lightning", "model_config": ckpt["model_config"], "epoch": ckpt.get("epoch")}
     raise CheckpointError(f"unknown checkpoint format '{suffix}' for '{path}'; use .ckpt, .safetensors or an authors' .pt.")
+
+
+def read_lightning_checkpoint(path: str | Path) -> Any:
+    """The object in a Lightning ``.ckpt``, read without running pickled code; :class:`CheckpointError` with the cause.
+
+    The opcode scan first (:mod:`robustx.io.pickle_scan`: bounded memory and depth, nothing built), then
+    torch's weights-only loader. The error's message is the one-line cause, for the caller to put in its
+    own sentence (``load_classifier``, ``train.py ckpt_path=``).
+    """
+    from robustx.io.pickle_scan import CKPT_MAX_BYTES, PickleScanError, scan_checkpoint
+
+    try:
+        scan_checkpoint(path, max_file_bytes=CKPT_MAX_BYTES)
+    except PickleScanError as err:
+        raise CheckpointError(f"{err}; refused by the weights-only loader's opcode scan") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot be read: {err.strerror or err}") from None
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt files raise many types; refused globals raise UnpicklingError
+        # torch's message leads with advice to retry with weights_only=False: keep only the cause.
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        causes = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Please file", "Check the documentation"))]
+        why = (causes[0] if causes else lines[0] if lines else type(err).__name__) + " (refused by the weights-only loader)" * bool(
+            "Weights only" in str(err))
+        raise CheckpointError(why[:200]) from None
 
 
 def checkpoint_paths(ckpt: Any) -> list[Path]:

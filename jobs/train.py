@@ -127,26 +127,12 @@ def _resolve_ckpt(path: str | None) -> str | None:
         raise FileNotFoundError(f"ckpt_path '{path}' does not exist; point it at a Lightning .ckpt (e.g. <run>/checkpoints/last.ckpt).")
     # Read it once here (weights only, as Lightning will) so a truncated, foreign or refused file is
     # one line naming the file, not a traceback from inside trainer.fit.
-    import torch
+    from jobs.loading import CheckpointError, read_lightning_checkpoint
 
-    from robustx.io.pickle_scan import CKPT_MAX_BYTES, PickleScanError, scan_checkpoint
-
-    try:  # the opcodes first (nothing built): memory and recursion bombs are refused before torch.load
-        scan_checkpoint(p, max_file_bytes=CKPT_MAX_BYTES)
-    except PickleScanError as err:
-        raise ValueError(f"ckpt_path '{path}' is not a readable Lightning checkpoint ({err}; refused by the weights-only "
-                         "loader's opcode scan); pass the run's checkpoints/last.ckpt, or leave ckpt_path unset to start over.") from None
-    except OSError as err:
-        raise ValueError(f"ckpt_path '{path}' cannot be read ({err.strerror or err}).") from None
     try:
-        ckpt = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt files raise many types; refused globals raise UnpicklingError
-        # torch's message leads with advice to retry with weights_only=False: keep only the cause.
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        causes = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Please file", "Check the documentation"))]
-        why = (causes[0] if causes else lines[0] if lines else type(err).__name__) + " (refused by the weights-only loader)" * bool(
-            "Weights only" in str(err))
-        raise ValueError(f"ckpt_path '{path}' is not a readable Lightning checkpoint ({why[:200]}); pass the run's "
+        ckpt = read_lightning_checkpoint(p)
+    except CheckpointError as err:
+        raise ValueError(f"ckpt_path '{path}' is not a readable Lightning checkpoint ({err}); pass the run's "
                          "checkpoints/last.ckpt, or leave ckpt_path unset to start over.") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise ValueError(f"ckpt_path '{path}' is not a Lightning checkpoint (no state_dict); pass the run's checkpoints/last.ckpt.")
