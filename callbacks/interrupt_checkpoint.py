@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
+from lightning_modules.robust_classifier import TrainingDiverged
 from robustx.utils import distributed_failure
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class InterruptCheckpoint(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if trainer.global_step == 0:
             return  # nothing trained yet (e.g. the data was not found): nothing to resume
-        if type(exception).__name__ == "TrainingDiverged":
+        if isinstance(exception, TrainingDiverged):
             return  # resuming from the diverging step would diverge again: the last good checkpoint is named instead
         if distributed_failure(exception) is not None:
             return  # a peer rank is gone: saving needs its barrier (it would fail again); last.ckpt is the resume point
