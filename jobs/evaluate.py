@@ -73,7 +73,14 @@ def ara_settings(cfg: DictConfig) -> dict[str, Any]:
     return {**s, "protocol": a.protocol, "num_images": int(a.num_images), "batch_size": int(a.batch_size), "modes": modes,
             "clip": bool(a.clip), "bf16": _auto_flag(a.bf16, "bf16", fast),
             "channels_last": _auto_flag(a.channels_last, "channels_last", fast),
-            "compile": _auto_flag(a.get("compile", False), "compile", fast)}
+            "compile": _auto_flag(a.get("compile", False), "compile", fast),
+            "fast_attacks": _fast_attacks(cfg.get("fast_attacks", False))}
+
+
+def _fast_attacks(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"fast_attacks must be true or false, got {value!r}.")
+    return value
 
 
 def cross_check_attacks(node: Any) -> dict[str, int]:
@@ -193,7 +200,9 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
     (None or no threat models: no fixed-radius evaluation).
     """
     from robustx.robustness.crosscheck import ATTACKS, independent_minimal_perturbation
+    from robustx.compiled import FastForward
     from robustx.robustness.fixed_radius import VERSIONS, check_threat_model, fixed_radius_attack
+    from robustx.utils import frozen_parameters
 
     from jobs.progress import WorkProgress
 
@@ -233,6 +242,18 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
     kind = {**{m: f"{settings['protocol']} search ({m})" for m in modes}, **{n: f"cross-check {n}" for n in attacks},
             **{u: f"fixed radius {t['norm']} {float(t['eps']):.4g} ({fr['version']})" for u, t in fr_units.items()}}
     units = [*modes, *attacks, *fr_units]
+
+    # With fast_attacks=true the attacks (AutoAttack's, adv-lib's) run on the search's fast path
+    # (bf16 autocast, channels_last, compiled, as ara.bf16/channels_last/compile choose); what they find is re-checked in fp32
+    # on the model itself (fixed_radius / crosscheck). Measured against fp32 attacks run one after
+    # another: bench/bench_eval_speed.py, docs/evaluation.md "Speed".
+    fast_attacks = bool(settings.get("fast_attacks")) and (settings["bf16"] or settings["compile"])
+    fast_model = FastForward(model, bf16=settings["bf16"], channels_last=settings["channels_last"],
+                             compile=settings["compile"]) if fast_attacks else None
+
+    def attack_models(on_forward) -> tuple[_CountForwards, _CountForwards | None]:
+        """(the fp32 model for re-checks, the model the attacks run on or None), both counting forwards."""
+        return _CountForwards(model, on_forward), (_CountForwards(fast_model, on_forward) if fast_model is not None else None)
 
     def save(path: Path | None, rec: dict) -> None:
         if path is not None:
@@ -295,18 +316,25 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
                     rec = {key: v.cpu().tolist() for key, v in out.items()}
                     rec.update(ids=chunk, seconds=time.time() - t0)
                 elif u in fr_units:
-                    counted = _CountForwards(model, lambda n, k=k, upto=upto: prog.advance(k, n, upto=upto))
+                    counted, counted_fast = attack_models(lambda n, k=k, upto=upto: prog.advance(k, n, upto=upto))
                     t = fr_units[u]
-                    res_fr = fixed_radius_attack(counted, x.contiguous(), y, norm=t["norm"], eps=float(t["eps"]), version=fr["version"],
-                                                 num_classes=num_classes, seed=int(fr.get("seed", 0)),
-                                                 n_queries=int(fr.get("n_queries", 5000)))
+                    with frozen_parameters(model):
+                        res_fr = fixed_radius_attack(counted, x.contiguous(), y, norm=t["norm"], eps=float(t["eps"]), version=fr["version"],
+                                                     num_classes=num_classes, seed=int(fr.get("seed", 0)),
+                                                     n_queries=int(fr.get("n_queries", 5000)), attack_model=counted_fast)
                     rec = {f"robust_{u}": res_fr["robust"].tolist(), f"correct_{u}": res_fr["correct"].tolist(),
                            f"broken_by_{u}": res_fr["broken_by"], f"robust_after_{u}": res_fr["robust_after"],
-                           f"attacked_{u}": res_fr["attacked"], f"forwards_{u}": counted.count, f"seconds_{u}": time.time() - t0}
+                           f"attacked_{u}": res_fr["attacked"], f"rerun_fp32_{u}": res_fr["rerun_fp32"],
+                           f"stretched_fp32_{u}": res_fr["stretched_fp32"],
+                           f"forwards_{u}": counted.count + (counted_fast.count if counted_fast is not None else 0),
+                           f"seconds_{u}": time.time() - t0}
                 else:
-                    counted = _CountForwards(model, lambda n, k=k, upto=upto: prog.advance(k, n, upto=upto))
-                    r_ind, _ = independent_minimal_perturbation(counted, x.contiguous(), y, attack=u, steps=steps_of[u])
-                    rec = {f"r_{u}": r_ind.cpu().tolist(), f"seconds_{u}": time.time() - t0, f"forwards_{u}": counted.count}
+                    counted, counted_fast = attack_models(lambda n, k=k, upto=upto: prog.advance(k, n, upto=upto))
+                    with frozen_parameters(model):
+                        r_ind, _ = independent_minimal_perturbation(counted, x.contiguous(), y, attack=u, steps=steps_of[u],
+                                                                    attack_model=counted_fast)
+                    rec = {f"r_{u}": r_ind.cpu().tolist(), f"seconds_{u}": time.time() - t0,
+                           f"forwards_{u}": counted.count + (counted_fast.count if counted_fast is not None else 0)}
                 # Images failing unperturbed are not searched: the batch's count ends exact here.
                 prog.finish(k, upto)
                 save(unit_path(b, u), rec)
@@ -419,6 +447,9 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
                      "robust_accuracy": float(robust.double().mean()),
                      "robust_accuracy_after": {a: n / len(ids) for a, n in after.items()},
                      "broken_by": {a: broken.count(a) for a in order},
+                     # images whose bf16 example fooled only the fast model: stretched into an fp32 one, or attacked again in fp32
+                     "stretched_fp32": {a: sum(int((r.get(f"stretched_fp32_{u}") or {}).get(a, 0)) for r in results) for a in order},
+                     "rerun_fp32": {a: sum(int((r.get(f"rerun_fp32_{u}") or {}).get(a, 0)) for r in results) for a in order},
                      "forwards": sum(int(r.get(f"forwards_{u}", 0)) for r in results),
                      "seconds": sum(float(r.get(f"seconds_{u}", 0.0)) for r in results),
                      "robust": robust.tolist()}

@@ -30,6 +30,7 @@ __all__ = [
     "passes_criterion",
     "MinimalPerturbation",
     "minimal_perturbation",
+    "stretch_to_fail",
     "PROTOCOLS",
     "PAPER",
     "summarize",
@@ -249,7 +250,7 @@ def minimal_perturbation(
         # A search in reduced precision (or compiled, fused arithmetic) can stop a hair short of
         # the full-precision boundary; stretch such perturbations until they fail in fp32 so that
         # every reported perturbation is adversarial for the model as it is (r grows <= 3x; rarely > 1.5x).
-        rescale(_repair(model, images, labels, best_delta, found & (best_r > 0), mode=mode))
+        rescale(stretch_to_fail(model, images, labels, best_delta, found & (best_r > 0), mode=mode))
         if refine > 0:
             rescale(_bisect(model, images, labels, best_delta, found & (best_r > 0), mode=mode, steps=refine))
         adversarial = images + best_delta
@@ -258,14 +259,14 @@ def minimal_perturbation(
     return MinimalPerturbation(r=r, adversarial=adversarial.detach(), found=found, first_fail_step=first, rechecked=rechecked)
 
 
-#: Scales tried, in order, by :func:`_repair` (1.0 is the plain full-precision re-check).
+#: Scales tried, in order, by :func:`stretch_to_fail` (1.0 is the plain full-precision re-check).
 _REPAIR_SCALES = (1.0, 1.0005, 1.001, 1.002, 1.005, 1.01, 1.02, 1.05, 1.1, 1.2, 1.5, 2.0, 3.0)
-#: Bisection steps of :func:`_repair` between the last listed scale that passed and the first that failed.
+#: Bisection steps of :func:`stretch_to_fail` between the last listed scale that passed and the first that failed.
 _REPAIR_BISECT = 4
 
 
 @torch.no_grad()
-def _repair(model: nn.Module, images, labels, delta, active, *, mode: Mode) -> torch.Tensor:
+def stretch_to_fail(model: nn.Module, images, labels, delta, active, *, mode: Mode) -> torch.Tensor:
     """Per image the smallest scale >= 1 found with images + scale * delta failing in full precision -> (B,).
 
     The scales of :data:`_REPAIR_SCALES` are tried in order; where the first failing one is above

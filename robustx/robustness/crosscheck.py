@@ -74,31 +74,55 @@ def resolve_attacks(*, preset: str | None = "quick", attacks: list[str] | None =
 
 
 def independent_minimal_perturbation(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, attack: str = "alma", steps: int | None = None
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, attack: str = "alma", steps: int | None = None,
+    attack_model: nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimal L2 misclassification perturbation from adv-lib, as RMSE.
 
+    The attack runs only on the images ``model`` classifies correctly (decided in full
+    precision; the others have r = 0 and adv-lib would spend every step on them for nothing).
+    Each found example is re-checked on ``model`` in fp32. With ``attack_model`` (e.g.
+    :class:`robustx.compiled.FastForward`: bf16, compiled) the attack runs on it, and an example
+    that it misclassifies but fp32 does not (a bf16 attack stops a hair short of the fp32
+    boundary) is stretched along its own perturbation by the smallest of a few scales (1.0005 ...
+    3, then bisected: :func:`robustx.robustness.ara.stretch_to_fail`) that makes it fail in fp32,
+    clipped to the [0, 1] box.
+
     Args:
-        model: classifier on [0, 1] images, eval mode.
+        model: classifier on [0, 1] images, eval mode (the fp32 reference).
         images: (B, C, H, W) in [0, 1].
         labels: (B,) true classes.
         attack: ``alma``, ``fmn``, ``ddn`` or ``fab``.
-        steps: iterations (default: 1000).
+        steps: iterations (default: the attack's, 1000; FAB 100).
+        attack_model: the model the attack runs on (default: ``model``); same weights, faster arithmetic.
     Returns:
         (r (B,): RMSE, inf where the attack failed; adversarial images (B, C, H, W)).
         Images misclassified unperturbed get r = 0.
     """
+    from robustx.robustness.ara import stretch_to_fail
+
     if attack not in ATTACKS:
         raise ValueError(f"Unknown cross-check attack '{attack}'; choose one of {sorted(ATTACKS)}.")
     fn, default_steps = ATTACKS[attack]
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
         logits = model(images)  # (B, num_classes)
         clean_wrong = logits.argmax(1) != labels
     if attack == "alma" and logits.shape[1] < 3:
         raise ValueError(f"ALMA's DLR loss needs at least 3 classes (this model has {logits.shape[1]}); use ddn, fmn or fab.")
-    with torch.enable_grad():
-        adv = fn(model, images.detach(), labels, steps or default_steps).detach()
-    with torch.no_grad():
+    adv = images.detach().clone()
+    idx = (~clean_wrong).nonzero()[:, 0]  # (A,) images the attack runs on
+    if idx.numel():
+        xa, ya = images[idx].detach(), labels[idx]  # (A, C, H, W), (A,)
+        with torch.enable_grad():
+            adv_a = fn(attack_model if attack_model is not None else model, xa, ya, steps or default_steps).detach()
+        if attack_model is not None:
+            with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+                claimed = attack_model(adv_a).argmax(1) != ya
+                delta = adv_a - xa
+                scale = stretch_to_fail(model, xa, ya, delta, claimed, mode="attack")  # (A,) 1 where fp32 already fails
+                adv_a = (xa + scale.view(-1, 1, 1, 1).to(delta.dtype) * delta).clamp(0, 1)
+        adv[idx] = adv_a
+    with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
         success = model(adv).argmax(1) != labels
     r = torch.where(success, rmse(adv - images), torch.full_like(labels, math.inf, dtype=images.dtype))
     r = torch.where(clean_wrong, torch.zeros_like(r), r)

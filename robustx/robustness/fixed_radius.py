@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from robustx.robustness.ara import stretch_to_fail
 from robustx.utils import model_mode
 
 __all__ = ["ROBUSTBENCH_CIFAR10", "VERSIONS", "NORMS", "fixed_radius_attack", "rmse_of_radius", "perturbation_norm", "check_threat_model"]
@@ -115,6 +116,7 @@ def fixed_radius_attack(
     seed: int = 0,
     n_queries: int = 5000,
     progress: Callable[[str, int], None] | None = None,
+    attack_model: nn.Module | None = None,
 ) -> dict:
     """Robust accuracy at a fixed radius: the per-image worst case over AutoAttack's attacks.
 
@@ -130,11 +132,20 @@ def fixed_radius_attack(
         seed: the attacks' seed (AutoAttack's ``seed``).
         n_queries: Square's query budget (AutoAttack standard: 5,000).
         progress: called as ``progress(attack, images_attacked)`` after each attack.
+        attack_model: the model the attacks run on (default: ``model``), e.g.
+            :class:`robustx.compiled.FastForward` (bf16, compiled; same weights). Every example is
+            still re-checked on ``model`` in fp32. An example that fools ``attack_model`` but not fp32
+            is stretched along its perturbation (:func:`robustx.robustness.ara.stretch_to_fail`) and
+            counts if it then fails in fp32 inside the radius and the box; otherwise that attack runs
+            again on ``model`` for those images, so a bf16 near-miss does not count an image robust
+            that the fp32 attack would break.
     Returns:
         ``correct`` (B,) bool, ``robust`` (B,) bool, ``broken_by`` list of B names ("" where the
         image is robust or misclassified unperturbed), ``robust_after`` {attack: count},
         ``attacked`` {attack: images attacked}, ``norm_found`` (B,) float64 norm of the adversarial
-        example that counted (nan where none).
+        example that counted (nan where none), ``stretched_fp32`` {attack: near-misses of
+        ``attack_model`` stretched into fp32 examples} and ``rerun_fp32`` {attack: images run
+        again on ``model``} (both empty without ``attack_model``).
     """
     check_threat_model(norm, eps, version)
     if images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
@@ -150,24 +161,55 @@ def fixed_radius_attack(
             logits = model(x)  # (B, num_classes)
         correct = logits.argmax(1) == y
         c = int(num_classes or logits.shape[1])
-        aa = _attacker(model, norm=norm, eps=eps, num_classes=c, seed=seed, device=x.device, n_queries=n_queries)
+        aa_ref = _attacker(model, norm=norm, eps=eps, num_classes=c, seed=seed, device=x.device, n_queries=n_queries)
+        aa = aa_ref if attack_model is None else _attacker(attack_model, norm=norm, eps=eps, num_classes=c, seed=seed,
+                                                           device=x.device, n_queries=n_queries)
         robust = correct.clone()
         broken_by = [""] * len(y)
         norm_found = torch.full((len(y),), math.nan, dtype=torch.float64)
-        robust_after, attacked = {}, {}
+        robust_after, attacked, rerun, stretched = {}, {}, {}, {}
         names = [n for n in VERSIONS[version] if not (n == "apgd-t" and c <= 3)]
         if len(names) < len(VERSIONS[version]):
             log.info("fixed_radius_attack: %d classes: APGD-T left out (its targeted DLR loss needs at least 4).", c)
+
+        def checked(adv: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # The fp32 re-check on the model itself: misclassified, inside the radius and the box.
+            with torch.no_grad():
+                wrong = model(adv).argmax(1) != ys
+            size = perturbation_norm(adv - xs, norm).cpu()
+            ok = wrong.cpu() & (size <= eps * (1 + _TOL)) & (adv.flatten(1).amin(1) >= 0).cpu() & (adv.flatten(1).amax(1) <= 1).cpu()
+            return ok, size
+
         for name in names:
             idx = robust.nonzero().flatten()  # (R,) images still robust
             attacked[name] = int(idx.numel())
             if idx.numel():
+                xs, ys = x[idx], y[idx]  # (R, C, H, W), (R,)
                 with torch.enable_grad():
-                    adv = _run(aa, name, x[idx], y[idx]).detach().float()  # (R, C, H, W)
-                with torch.no_grad():
-                    wrong = model(adv).argmax(1) != y[idx]  # the fp32 re-check
-                size = perturbation_norm(adv - x[idx], norm).cpu()
-                valid = wrong.cpu() & (size <= eps * (1 + _TOL)) & (adv.flatten(1).amin(1) >= 0).cpu() & (adv.flatten(1).amax(1) <= 1).cpu()
+                    adv = _run(aa, name, xs, ys).detach().float()  # (R, C, H, W)
+                valid, size = checked(adv, xs, ys)
+                if attack_model is not None:
+                    with torch.no_grad():
+                        claimed = (attack_model(adv).argmax(1) != ys).cpu()
+                    redo = (claimed & ~valid).nonzero().flatten()  # (K,) fooled the fast model only
+                    if redo.numel():
+                        # A near-miss (FAB lands just across the bf16 boundary) is first stretched
+                        # along its own perturbation until it fails in fp32; it counts only if that
+                        # stays inside the radius and the box. The rest run again in fp32.
+                        delta = adv[redo] - xs[redo]  # (K, C, H, W)
+                        scale = stretch_to_fail(model, xs[redo], ys[redo], delta, torch.ones_like(ys[redo], dtype=torch.bool),
+                                                mode="attack")
+                        adv_s = (xs[redo] + scale.view(-1, 1, 1, 1) * delta).clamp(0, 1)
+                        valid_s, size_s = checked(adv_s, xs[redo], ys[redo])
+                        adv[redo[valid_s]], valid[redo], size[redo] = adv_s[valid_s], valid_s, size_s
+                        stretched[name] = int(valid_s.sum())
+                        redo = redo[~valid_s]
+                    rerun[name] = int(redo.numel())
+                    if redo.numel():
+                        with torch.enable_grad():
+                            adv_k = _run(aa_ref, name, xs[redo], ys[redo]).detach().float()  # (K, C, H, W)
+                        valid_k, size_k = checked(adv_k, xs[redo], ys[redo])
+                        valid[redo], size[redo] = valid_k, size_k
                 for k in valid.nonzero().flatten().tolist():
                     i = int(idx[k])
                     robust[i] = False
@@ -177,4 +219,5 @@ def fixed_radius_attack(
             if progress is not None:
                 progress(name, attacked[name])
     return {"correct": correct.cpu(), "robust": robust.cpu(), "broken_by": broken_by, "robust_after": robust_after,
-            "attacked": attacked, "norm_found": norm_found}
+            "attacked": attacked, "norm_found": norm_found,
+            "stretched_fp32": stretched, "rerun_fp32": rerun}

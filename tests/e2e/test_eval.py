@@ -130,6 +130,7 @@ def test_auto_fast_path_resolves_per_device_and_agrees_with_fp32(tmp_path):
         ("ara.protocol=bogus", "unknown ara.protocol"),
         ("ara.steps=0", "must be > 0"),
         ("ara.bf16=maybe", "ara.bf16 must be true, false or auto"),
+        ("fast_attacks=maybe", "fast_attacks must be true or false"),
         ("ara.eps=nan", "ara.eps must be a finite number"),
         ("ara.steps=nan", "ara.steps must be a finite number"),
         ("ara.steps=2.5", "ara.steps and ara.refine must be whole numbers"),

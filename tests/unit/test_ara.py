@@ -275,8 +275,8 @@ def test_compile_unavailable_falls_back_to_eager_with_one_warning(monkeypatch, c
 
 
 def test_repair_stretches_to_just_past_the_fp32_boundary():
-    """_repair: grid then bisection -> the smallest failing scale within 1/16 of its grid interval; others keep 1."""
-    from robustx.robustness.ara import _REPAIR_BISECT, _repair
+    """stretch_to_fail: grid then bisection -> the smallest failing scale within 1/16 of its grid interval; others keep 1."""
+    from robustx.robustness.ara import _REPAIR_BISECT, stretch_to_fail
 
     class Sum(nn.Module):  # logits (0, sum(x) - 1): class 0 until the pixel sum passes 1
         def forward(self, x):
@@ -288,6 +288,6 @@ def test_repair_stretches_to_just_past_the_fp32_boundary():
     boundary = torch.tensor([1.0137, 0.5, 10.0, 1.0137], dtype=torch.float64)  # image 1 fails at 1, image 2 never
     delta = (1 / boundary).float().view(-1, 1, 1, 1).expand(-1, 1, 2, 2) / 4  # sum(s * delta) = s / boundary
     active = torch.tensor([True, True, True, False])
-    scale = _repair(Sum(), x, y, delta, active, mode="attack").double()
+    scale = stretch_to_fail(Sum(), x, y, delta, active, mode="attack").double()
     assert scale[1] == 1.0 and scale[2] == 1.0 and scale[3] == 1.0
     assert 1.0137 < scale[0] <= 1.0137 + (1.02 - 1.01) / 2**_REPAIR_BISECT
