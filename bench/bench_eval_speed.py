@@ -45,7 +45,7 @@ from bench_ara import yardstick as search_yardstick  # noqa: E402  (the fp32 loo
 from jobs.bench import cpu_name  # noqa: E402
 from robustx.attacks import rmse  # noqa: E402
 from robustx.robustness.ara import PAPER  # noqa: E402
-from robustx.robustness.fixed_radius import ROBUSTBENCH_CIFAR10, perturbation_norm  # noqa: E402
+from robustx.robustness.fixed_radius import ROBUSTBENCH_CIFAR10, counts_at_radius  # noqa: E402
 
 log = logging.getLogger("bench_eval_speed")
 AA_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -64,9 +64,7 @@ def yardstick_fixed_radius(model, x, y, *, norm: str, eps: float, seconds: dict)
         aa.attacks_to_run = [name]  # what run_standard_evaluation_individual does, timed per attack
         (adv, _), = aa.run_standard_evaluation_individual(x, y, batch_size=len(y)).values()
         adv = adv.detach().float()
-        with torch.no_grad():
-            wrong = model(adv).argmax(1) != y
-        ok = wrong & (perturbation_norm(adv - x, norm) <= eps * (1 + 1e-5)) & (adv.flatten(1).amin(1) >= 0) & (adv.flatten(1).amax(1) <= 1)
+        ok, _ = counts_at_radius(model, adv, x, y, norm=norm, eps=eps)
         robust &= ~ok
         seconds[f"{norm} {name}"] = time.time() - t0
         log.info("yardstick %s %s: %.1f s, %d robust so far", norm, name, seconds[f"{norm} {name}"], int(robust.sum()))

@@ -255,6 +255,9 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
         """(the fp32 model for re-checks, the model the attacks run on or None), both counting forwards."""
         return _CountForwards(model, on_forward), (_CountForwards(fast_model, on_forward) if fast_model is not None else None)
 
+    def forwards(*counted: _CountForwards | None) -> int:
+        return sum(c.count for c in counted if c is not None)
+
     def save(path: Path | None, rec: dict) -> None:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -326,15 +329,14 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
                            f"broken_by_{u}": res_fr["broken_by"], f"robust_after_{u}": res_fr["robust_after"],
                            f"attacked_{u}": res_fr["attacked"], f"rerun_fp32_{u}": res_fr["rerun_fp32"],
                            f"stretched_fp32_{u}": res_fr["stretched_fp32"],
-                           f"forwards_{u}": counted.count + (counted_fast.count if counted_fast is not None else 0),
-                           f"seconds_{u}": time.time() - t0}
+                           f"forwards_{u}": forwards(counted, counted_fast), f"seconds_{u}": time.time() - t0}
                 else:
                     counted, counted_fast = attack_models(lambda n, k=k, upto=upto: prog.advance(k, n, upto=upto))
                     with frozen_parameters(model):
                         r_ind, _ = independent_minimal_perturbation(counted, x.contiguous(), y, attack=u, steps=steps_of[u],
                                                                     attack_model=counted_fast)
                     rec = {f"r_{u}": r_ind.cpu().tolist(), f"seconds_{u}": time.time() - t0,
-                           f"forwards_{u}": counted.count + (counted_fast.count if counted_fast is not None else 0)}
+                           f"forwards_{u}": forwards(counted, counted_fast)}
                 # Images failing unperturbed are not searched: the batch's count ends exact here.
                 prog.finish(k, upto)
                 save(unit_path(b, u), rec)

@@ -244,14 +244,15 @@ class FastForward(nn.Module):
     def __init__(self, model: nn.Module, *, bf16: bool = True, channels_last: bool = True, compile: bool = True) -> None:
         super().__init__()
         self.model = model
-        self.bf16, self.channels_last, self.compile = bool(bf16), bool(channels_last), bool(compile)
+        # (not ``self.compile``: that would hide nn.Module.compile)
+        self.bf16, self.channels_last, self.compiled = bool(bf16), bool(channels_last), bool(compile)
         self._fn = compiled_forward(model) if compile else model
         self.train(model.training)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.compile and x.size(0) > 1:
+        if self.compiled and x.size(0) > 1:
             torch._dynamo.maybe_mark_dynamic(x, 0)  # one graph for the attacks' changing batch sizes
         if self.bf16:
             with torch.autocast(x.device.type, dtype=torch.bfloat16):

@@ -25,7 +25,7 @@ from torch import nn
 from robustx.robustness.ara import stretch_to_fail
 from robustx.utils import model_mode
 
-__all__ = ["ROBUSTBENCH_CIFAR10", "VERSIONS", "NORMS", "fixed_radius_attack", "rmse_of_radius", "perturbation_norm", "check_threat_model"]
+__all__ = ["ROBUSTBENCH_CIFAR10", "VERSIONS", "NORMS", "fixed_radius_attack", "counts_at_radius", "rmse_of_radius", "perturbation_norm", "check_threat_model"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,23 @@ def perturbation_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
     """Per-image L2 or Linf norm of (B, C, H, W) perturbations -> (B,)."""
     flat = delta.flatten(1).double()  # (B, D)
     return flat.norm(dim=1) if norm == "L2" else flat.abs().amax(dim=1)
+
+
+@torch.no_grad()
+def counts_at_radius(model: nn.Module, adv: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, *, norm: str,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whether each adversarial example counts at the radius: misclassified by ``model`` (as it is, in fp32
+    when called outside autocast), inside ``eps`` (with float32 projection slack) and inside [0, 1].
+
+    Args:
+        adv, images: (B, C, H, W); labels: (B,).
+    Returns:
+        (ok (B,) bool, the perturbation's norm (B,) float64), both on the CPU.
+    """
+    wrong = (model(adv).argmax(1) != labels).cpu()
+    size = perturbation_norm(adv - images, norm).cpu()
+    in_box = ((adv.flatten(1).amin(1) >= 0) & (adv.flatten(1).amax(1) <= 1)).cpu()
+    return wrong & (size <= eps * (1 + _TOL)) & in_box, size
 
 
 @contextmanager
@@ -173,12 +190,7 @@ def fixed_radius_attack(
             log.info("fixed_radius_attack: %d classes: APGD-T left out (its targeted DLR loss needs at least 4).", c)
 
         def checked(adv: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            # The fp32 re-check on the model itself: misclassified, inside the radius and the box.
-            with torch.no_grad():
-                wrong = model(adv).argmax(1) != ys
-            size = perturbation_norm(adv - xs, norm).cpu()
-            ok = wrong.cpu() & (size <= eps * (1 + _TOL)) & (adv.flatten(1).amin(1) >= 0).cpu() & (adv.flatten(1).amax(1) <= 1).cpu()
-            return ok, size
+            return counts_at_radius(model, adv, xs, ys, norm=norm, eps=eps)
 
         for name in names:
             idx = robust.nonzero().flatten()  # (R,) images still robust
@@ -200,8 +212,8 @@ def fixed_radius_attack(
                         scale = stretch_to_fail(model, xs[redo], ys[redo], delta, torch.ones_like(ys[redo], dtype=torch.bool),
                                                 mode="attack")
                         adv_s = (xs[redo] + scale.view(-1, 1, 1, 1) * delta).clamp(0, 1)
-                        valid_s, size_s = checked(adv_s, xs[redo], ys[redo])
-                        adv[redo[valid_s]], valid[redo], size[redo] = adv_s[valid_s], valid_s, size_s
+                        valid[redo], size[redo] = checked(adv_s, xs[redo], ys[redo])
+                        valid_s = valid[redo]
                         stretched[name] = int(valid_s.sum())
                         redo = redo[~valid_s]
                     rerun[name] = int(redo.numel())
