@@ -200,7 +200,7 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
     (None or no threat models: no fixed-radius evaluation).
     """
     from robustx.robustness.crosscheck import ATTACKS, independent_minimal_perturbation
-    from robustx.compiled import FastForward
+    from robustx.compiled import FastForward, retain_graph_allowed
     from robustx.robustness.fixed_radius import VERSIONS, check_threat_model, fixed_radius_attack
     from robustx.utils import frozen_parameters
 
@@ -321,18 +321,18 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
                 elif u in fr_units:
                     counted, counted_fast = attack_models(lambda n, k=k, upto=upto: prog.advance(k, n, upto=upto))
                     t = fr_units[u]
-                    with frozen_parameters(model):
+                    with frozen_parameters(model), retain_graph_allowed():  # FAB backpropagates one graph per class
                         res_fr = fixed_radius_attack(counted, x.contiguous(), y, norm=t["norm"], eps=float(t["eps"]), version=fr["version"],
                                                      num_classes=num_classes, seed=int(fr.get("seed", 0)),
                                                      n_queries=int(fr.get("n_queries", 5000)), attack_model=counted_fast)
                     rec = {f"robust_{u}": res_fr["robust"].tolist(), f"correct_{u}": res_fr["correct"].tolist(),
                            f"broken_by_{u}": res_fr["broken_by"], f"robust_after_{u}": res_fr["robust_after"],
                            f"attacked_{u}": res_fr["attacked"], f"rerun_fp32_{u}": res_fr["rerun_fp32"],
-                           f"stretched_fp32_{u}": res_fr["stretched_fp32"],
+                           f"stretched_fp32_{u}": res_fr["stretched_fp32"], f"refined_fp32_{u}": res_fr["refined_fp32"],
                            f"forwards_{u}": forwards(counted, counted_fast), f"seconds_{u}": time.time() - t0}
                 else:
                     counted, counted_fast = attack_models(lambda n, k=k, upto=upto: prog.advance(k, n, upto=upto))
-                    with frozen_parameters(model):
+                    with frozen_parameters(model), retain_graph_allowed():
                         r_ind, _ = independent_minimal_perturbation(counted, x.contiguous(), y, attack=u, steps=steps_of[u],
                                                                     attack_model=counted_fast)
                     rec = {f"r_{u}": r_ind.cpu().tolist(), f"seconds_{u}": time.time() - t0,
@@ -449,8 +449,9 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
                      "robust_accuracy": float(robust.double().mean()),
                      "robust_accuracy_after": {a: n / len(ids) for a, n in after.items()},
                      "broken_by": {a: broken.count(a) for a in order},
-                     # images whose bf16 example fooled only the fast model: stretched into an fp32 one, or attacked again in fp32
+                     # images whose bf16 example fooled only the fast model: stretched or refined into an fp32 one, or attacked again in fp32
                      "stretched_fp32": {a: sum(int((r.get(f"stretched_fp32_{u}") or {}).get(a, 0)) for r in results) for a in order},
+                     "refined_fp32": {a: sum(int((r.get(f"refined_fp32_{u}") or {}).get(a, 0)) for r in results) for a in order},
                      "rerun_fp32": {a: sum(int((r.get(f"rerun_fp32_{u}") or {}).get(a, 0)) for r in results) for a in order},
                      "forwards": sum(int(r.get(f"forwards_{u}", 0)) for r in results),
                      "seconds": sum(float(r.get(f"seconds_{u}", 0.0)) for r in results),

@@ -27,11 +27,10 @@ from torch import Tensor, nn
 from robustx.attacks import ce_input_grad, engine_update
 from robustx.utils import at_least_fp32, one_line
 
-__all__ = ["compiled_forward", "compiled_input_grad", "compiled_engine_step", "FastForward"]
+__all__ = ["compiled_forward", "retain_graph_allowed", "compiled_input_grad", "compiled_engine_step", "FastForward"]
 
 log = logging.getLogger(__name__)
 
-_COMPILED: Callable[[nn.Module, Tensor], Tensor] | None = None
 _UNAVAILABLE = False  # set after a failed compilation: later calls run eagerly
 # compiled_input_grad's functions, one per device type (the C++ wrapper is a CPU option).
 _COMPILED_GRAD: dict[str, Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]] = {}
@@ -62,7 +61,27 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def compiled_forward(model: nn.Module) -> Callable[[Tensor], Tensor]:
+def retain_graph_allowed():
+    """Context in which compiled graphs are built without donated buffers and may be backpropagated more than once.
+
+    torch reads the setting when it compiles and again at each compiled backward, so the attacks
+    that call ``autograd.grad(..., retain_graph=True)`` on a :class:`FastForward` run inside it.
+    """
+    import torch._functorch.config as functorch_config  # a submodule torch does not import by itself
+
+    return functorch_config.patch(donated_buffer=False)
+
+
+def _forward_retainable(model: nn.Module, x: Tensor) -> Tensor:
+    # its own code object, hence its own dynamo cache: graphs compiled for compiled_forward's
+    # default (donated buffers) are never reused where a caller needs retain_graph=True
+    return model(x)
+
+
+_COMPILED_BY_KIND: dict[bool, Callable[[nn.Module, Tensor], Tensor]] = {}
+
+
+def compiled_forward(model: nn.Module, *, retain_graph: bool = False) -> Callable[[Tensor], Tensor]:
     """``x -> model(x)`` through one process-wide ``torch.compile``d function.
 
     The model is an argument, not captured, so no compiled object keeps it alive; torch.compile
@@ -74,17 +93,24 @@ def compiled_forward(model: nn.Module) -> Callable[[Tensor], Tensor]:
 
     Args:
         model: any nn.Module mapping (B, C, H, W) images to (B, num_classes) logits.
+        retain_graph: compile without donated buffers, so that the backward may run more than
+            once on one graph (``autograd.grad(..., retain_graph=True)``, as FAB's per-class
+            Jacobian does); the default's compiled backward refuses that. The backwards must
+            also run inside :func:`retain_graph_allowed` (torch checks the setting again there).
     """
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = torch.compile(_forward)
-    fn = _COMPILED
+    retain_graph = bool(retain_graph)
+    if retain_graph not in _COMPILED_BY_KIND:
+        _COMPILED_BY_KIND[retain_graph] = torch.compile(_forward_retainable if retain_graph else _forward)
+    fn = _COMPILED_BY_KIND[retain_graph]
 
     def call(x: Tensor) -> Tensor:
         global _UNAVAILABLE
         if _UNAVAILABLE:
             return model(x)
         try:
+            if retain_graph:
+                with retain_graph_allowed():  # read when aot_autograd compiles, i.e. inside this call
+                    return fn(model, x)
             return fn(model, x)
         except _compile_errors() as err:
             _UNAVAILABLE = True
@@ -229,7 +255,8 @@ class FastForward(nn.Module):
     For attacks written against a plain ``model(x)`` (AutoAttack's, adv-lib's): they call this
     module instead and differentiate through it as usual. The caller re-checks what they find
     on ``model`` itself in fp32, since a bf16 attack can stop a hair short of the fp32 boundary
-    (robustx.robustness.fixed_radius / crosscheck do). The batch dimension is marked dynamic so
+    (robustx.robustness.fixed_radius / crosscheck do). Attacks that backpropagate one graph more
+    than once (FAB) run inside :func:`retain_graph_allowed`. The batch dimension is marked dynamic so
     the shrinking subsets attacks work on share one compiled graph. On the project's 2-core CPU
     the three together make resnet44's forward + input gradient about 3.3x faster than eager
     fp32 at batch 64 (docs/evaluation.md, "Speed"). Share ``model``'s parameters (no copy).
@@ -246,7 +273,8 @@ class FastForward(nn.Module):
         self.model = model
         # (not ``self.compile``: that would hide nn.Module.compile)
         self.bf16, self.channels_last, self.compiled = bool(bf16), bool(channels_last), bool(compile)
-        self._fn = compiled_forward(model) if compile else model
+        # attacks such as FAB run several backwards on one graph
+        self._fn = compiled_forward(model, retain_graph=True) if compile else model
         self.train(model.training)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -254,6 +282,14 @@ class FastForward(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         if self.compiled and x.size(0) > 1:
             torch._dynamo.maybe_mark_dynamic(x, 0)  # one graph for the attacks' changing batch sizes
+        if self.compiled and torch.is_grad_enabled() and not x.requires_grad and not any(
+                p.requires_grad for p in self.model.parameters()):
+            # nothing to differentiate: the no-grad graph serves it (one compilation fewer)
+            with torch.no_grad():
+                return self._call(x)
+        return self._call(x)
+
+    def _call(self, x: Tensor) -> Tensor:
         if self.bf16:
             with torch.autocast(x.device.type, dtype=torch.bfloat16):
                 out = self._fn(x)

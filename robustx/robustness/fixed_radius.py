@@ -101,6 +101,18 @@ def _attacker(model: nn.Module, *, norm: str, eps: float, num_classes: int, seed
     return aa
 
 
+def _refine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: torch.Tensor, *, norm: str, eps: float,
+            steps: int) -> torch.Tensor:
+    """``steps`` of AutoAttack's APGD-CE on ``model`` from ``start`` (inside the radius) -> (K, C, H, W) best adversarial points."""
+    from pyautoattack.autopgd_base import APGDAttack
+
+    apgd = APGDAttack(model, n_iter=steps, norm=norm, eps=eps, loss="ce", seed=0, device=x.device)
+    apgd.init_hyperparam(x)
+    with torch.enable_grad():
+        # attack_single_run, since perturb() does not take a starting point
+        return apgd.attack_single_run(x, y, x_init=start)[3].detach().float()
+
+
 def _run(aa, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # The same calls as AutoAttack.run_standard_evaluation makes for each attack name.
     if name == "apgd-ce":
@@ -134,6 +146,7 @@ def fixed_radius_attack(
     n_queries: int = 5000,
     progress: Callable[[str, int], None] | None = None,
     attack_model: nn.Module | None = None,
+    refine_steps: int = 20,
 ) -> dict:
     """Robust accuracy at a fixed radius: the per-image worst case over AutoAttack's attacks.
 
@@ -153,18 +166,23 @@ def fixed_radius_attack(
             :class:`robustx.compiled.FastForward` (bf16, compiled; same weights). Every example is
             still re-checked on ``model`` in fp32. An example that fools ``attack_model`` but not fp32
             is stretched along its perturbation (:func:`robustx.robustness.ara.stretch_to_fail`) and
-            counts if it then fails in fp32 inside the radius and the box; otherwise that attack runs
+            counts if it then fails in fp32 inside the radius and the box; else ``refine_steps`` of
+            fp32 APGD-CE start from it (inside the radius); where that fails too, the attack runs
             again on ``model`` for those images, so a bf16 near-miss does not count an image robust
             that the fp32 attack would break.
+        refine_steps: fp32 APGD-CE iterations from a near-miss before a full fp32 rerun (0: none).
     Returns:
         ``correct`` (B,) bool, ``robust`` (B,) bool, ``broken_by`` list of B names ("" where the
         image is robust or misclassified unperturbed), ``robust_after`` {attack: count},
         ``attacked`` {attack: images attacked}, ``norm_found`` (B,) float64 norm of the adversarial
         example that counted (nan where none), ``stretched_fp32`` {attack: near-misses of
-        ``attack_model`` stretched into fp32 examples} and ``rerun_fp32`` {attack: images run
-        again on ``model``} (both empty without ``attack_model``).
+        ``attack_model`` stretched into fp32 examples}, ``refined_fp32`` {attack: near-misses
+        turned into fp32 examples by the short APGD-CE} and ``rerun_fp32`` {attack: images run
+        again on ``model``} (all empty without ``attack_model``).
     """
     check_threat_model(norm, eps, version)
+    if int(refine_steps) < 0:
+        raise ValueError(f"refine_steps must be >= 0, got {refine_steps}.")
     if images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
         raise ValueError(f"images must lie in [0, 1] (got [{float(images.min()):.3g}, {float(images.max()):.3g}]); "
                          "the model owns its normalization, so pass unnormalized images.")
@@ -184,7 +202,7 @@ def fixed_radius_attack(
         robust = correct.clone()
         broken_by = [""] * len(y)
         norm_found = torch.full((len(y),), math.nan, dtype=torch.float64)
-        robust_after, attacked, rerun, stretched = {}, {}, {}, {}
+        robust_after, attacked, rerun, stretched, refined = {}, {}, {}, {}, {}
         names = [n for n in VERSIONS[version] if not (n == "apgd-t" and c <= 3)]
         if len(names) < len(VERSIONS[version]):
             log.info("fixed_radius_attack: %d classes: APGD-T left out (its targeted DLR loss needs at least 4).", c)
@@ -216,6 +234,13 @@ def fixed_radius_attack(
                         valid_s = valid[redo]
                         stretched[name] = int(valid_s.sum())
                         redo = redo[~valid_s]
+                    if redo.numel() and refine_steps:
+                        # Cheaper than the rerun: the bf16 example is already at the boundary.
+                        adv_r = _refine(model, xs[redo], ys[redo], adv[redo], norm=norm, eps=eps, steps=int(refine_steps))
+                        valid[redo], size[redo] = checked(adv_r, xs[redo], ys[redo])
+                        valid_r = valid[redo]
+                        refined[name] = int(valid_r.sum())
+                        redo = redo[~valid_r]
                     rerun[name] = int(redo.numel())
                     if redo.numel():
                         with torch.enable_grad():
@@ -232,4 +257,4 @@ def fixed_radius_attack(
                 progress(name, attacked[name])
     return {"correct": correct.cpu(), "robust": robust.cpu(), "broken_by": broken_by, "robust_after": robust_after,
             "attacked": attacked, "norm_found": norm_found,
-            "stretched_fp32": stretched, "rerun_fp32": rerun}
+            "stretched_fp32": stretched, "refined_fp32": refined, "rerun_fp32": rerun}

@@ -262,7 +262,7 @@ def test_compile_unavailable_falls_back_to_eager_with_one_warning(monkeypatch, c
     def broken(model, x):
         raise BackendCompilerFailed(lambda *a: None, RuntimeError("C++ compiler not found"), None)
 
-    monkeypatch.setattr(rc, "_COMPILED", broken)
+    monkeypatch.setitem(rc._COMPILED_BY_KIND, False, broken)
     monkeypatch.setattr(rc, "_UNAVAILABLE", False)
     model, x, y = _tiny_trained_cnn()
     y = model(x).argmax(1)

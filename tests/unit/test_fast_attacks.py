@@ -1,4 +1,4 @@
-"""Attacks on a faster stand-in model (eval.py fast_attacks=true): misclassified images skipped, fp32 re-checks, stretch and rerun."""
+"""Attacks on a faster stand-in model (eval.py fast_attacks=true): misclassified images skipped, fp32 re-checks, stretch, refinement and rerun."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustx.compiled import FastForward
+from robustx.compiled import FastForward, retain_graph_allowed
 from robustx.robustness.crosscheck import independent_minimal_perturbation
 from robustx.robustness.fixed_radius import fixed_radius_attack
 
@@ -70,7 +70,8 @@ def test_an_attack_on_a_shifted_model_reports_only_fp32_adversarial_examples(att
     assert float(((r[both] - plain[both]).abs() / plain[both]).median()) < 0.05  # the stretch is small
 
 
-def test_fixed_radius_with_a_fast_stand_in_keeps_the_fp32_verdict():
+@pytest.mark.parametrize("refine_steps", [0, 20])
+def test_fixed_radius_with_a_fast_stand_in_keeps_the_fp32_verdict(refine_steps):
     from tests.unit.test_fixed_radius_and_ensemble import _exact_l2
 
     model = _linear(3 * 6 * 6, 10, seed=4)
@@ -83,9 +84,12 @@ def test_fixed_radius_with_a_fast_stand_in_keeps_the_fp32_verdict():
     stand_in = _Shifted(model, torch.full((10,), 0.02).index_fill(0, torch.tensor([0]), 0.0))
     alone = fixed_radius_attack(stand_in, x, y, norm="L2", eps=eps, version="quick")
     assert int(alone["robust"].sum()) < int((dist > eps).sum())  # believed alone, it breaks too many
-    out = fixed_radius_attack(model, x, y, norm="L2", eps=eps, version="quick", attack_model=stand_in)
+    out = fixed_radius_attack(model, x, y, norm="L2", eps=eps, version="quick", attack_model=stand_in, refine_steps=refine_steps)
     assert torch.equal(out["robust"], dist > eps)  # the analytic fp32 verdict
-    assert sum(out["rerun_fp32"].values()) > 0  # reached through the fp32 reruns
+    handled = sum(out["rerun_fp32"].values()) + sum(out["refined_fp32"].values())
+    assert handled > 0  # the stand-in's near-misses were finished in fp32
+    if not refine_steps:
+        assert not out["refined_fp32"]
     broken = ~out["robust"]
     assert (out["norm_found"][broken] <= eps * (1 + 1e-5)).all()
 
@@ -102,3 +106,43 @@ def test_fast_forward_matches_the_model_within_bf16_and_gives_fp32_logits():
     assert g.shape == x.shape and torch.isfinite(g).all()
     plain = FastForward(model, bf16=False, channels_last=False, compile=False)
     torch.testing.assert_close(plain(x), model(x))
+
+
+def test_compiled_fast_forward_allows_several_backwards_on_one_graph():
+    """FAB differentiates each class's logit on one graph (retain_graph=True); the compiled FastForward allows it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
+    fast = FastForward(model, bf16=False, channels_last=False, compile=True)
+    x = torch.rand(5, 3, 8, 8, requires_grad=True)
+    with retain_graph_allowed():
+        out = fast(x)  # (5, 3)
+        grads = [torch.autograd.grad(out[:, k].sum(), x, retain_graph=True)[0] for k in range(3)]
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = model(x_ref)
+    for k in range(3):
+        torch.testing.assert_close(grads[k], torch.autograd.grad(ref[:, k].sum(), x_ref, retain_graph=True)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_refinement_finishes_a_near_miss_inside_the_radius_in_fp32():
+    """A point 98% of the way to a linear model's nearest boundary, radius 1.2x the distance: a few fp32 APGD-CE steps cross it inside the radius."""
+    from robustx.robustness.fixed_radius import _refine, counts_at_radius, perturbation_norm
+    from tests.unit.test_fixed_radius_and_ensemble import _exact_l2
+
+    model = _linear(3 * 6 * 6, 4, seed=6)
+    x, _ = _images(6, seed=7)
+    y, dist = _exact_l2(model, x)
+    w, b = model[1].weight.detach().double(), model[1].bias.detach().double()
+    z = x.flatten(1).double() @ w.T + b  # (B, C)
+    margins = z.gather(1, y[:, None]) - z  # (B, C)
+    dw = w[y][:, None, :] - w[None]  # (B, C, D)
+    d_c = margins / dw.norm(dim=2).clamp_min(1e-12)
+    d_c[torch.arange(len(y)), y] = float("inf")
+    c = d_c.argmin(1)
+    direction = -dw[torch.arange(len(y)), c] / dw[torch.arange(len(y)), c].norm(dim=1, keepdim=True)  # (B, D)
+    start = (x.flatten(1).double() + 0.98 * dist[:, None] * direction).float().view_as(x)  # (B, C, H, W)
+    eps = float(1.2 * dist.max())
+    assert not counts_at_radius(model, start, x, y, norm="L2", eps=eps)[0].any()  # a near-miss, still classified y
+    adv = _refine(model, x, y, start, norm="L2", eps=eps, steps=10)
+    ok, size = counts_at_radius(model, adv, x, y, norm="L2", eps=eps)
+    assert ok.all() and (size <= eps * (1 + 1e-5)).all()
+    assert torch.allclose(perturbation_norm(adv - x, "L2"), size)
