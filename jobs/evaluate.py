@@ -450,9 +450,8 @@ def evaluate_checkpoint(path: Path, dataset, ids: list[int], settings: dict, *, 
                      "robust_accuracy_after": {a: n / len(ids) for a, n in after.items()},
                      "broken_by": {a: broken.count(a) for a in order},
                      # images whose bf16 example fooled only the fast model: stretched or refined into an fp32 one, or attacked again in fp32
-                     "stretched_fp32": {a: sum(int((r.get(f"stretched_fp32_{u}") or {}).get(a, 0)) for r in results) for a in order},
-                     "refined_fp32": {a: sum(int((r.get(f"refined_fp32_{u}") or {}).get(a, 0)) for r in results) for a in order},
-                     "rerun_fp32": {a: sum(int((r.get(f"rerun_fp32_{u}") or {}).get(a, 0)) for r in results) for a in order},
+                     **{key: {a: sum(int((r.get(f"{key}_{u}") or {}).get(a, 0)) for r in results) for a in order}
+                        for key in ("stretched_fp32", "refined_fp32", "rerun_fp32")},
                      "forwards": sum(int(r.get(f"forwards_{u}", 0)) for r in results),
                      "seconds": sum(float(r.get(f"seconds_{u}", 0.0)) for r in results),
                      "robust": robust.tolist()}

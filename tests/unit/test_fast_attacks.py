@@ -126,19 +126,11 @@ def test_compiled_fast_forward_allows_several_backwards_on_one_graph():
 def test_refinement_finishes_a_near_miss_inside_the_radius_in_fp32():
     """A point 98% of the way to a linear model's nearest boundary, radius 1.2x the distance: a few fp32 APGD-CE steps cross it inside the radius."""
     from robustx.robustness.fixed_radius import _refine, counts_at_radius, perturbation_norm
-    from tests.unit.test_fixed_radius_and_ensemble import _exact_l2
+    from tests.unit.test_fixed_radius_and_ensemble import _nearest_boundary
 
     model = _linear(3 * 6 * 6, 4, seed=6)
     x, _ = _images(6, seed=7)
-    y, dist = _exact_l2(model, x)
-    w, b = model[1].weight.detach().double(), model[1].bias.detach().double()
-    z = x.flatten(1).double() @ w.T + b  # (B, C)
-    margins = z.gather(1, y[:, None]) - z  # (B, C)
-    dw = w[y][:, None, :] - w[None]  # (B, C, D)
-    d_c = margins / dw.norm(dim=2).clamp_min(1e-12)
-    d_c[torch.arange(len(y)), y] = float("inf")
-    c = d_c.argmin(1)
-    direction = -dw[torch.arange(len(y)), c] / dw[torch.arange(len(y)), c].norm(dim=1, keepdim=True)  # (B, D)
+    y, dist, direction = _nearest_boundary(model, x)
     start = (x.flatten(1).double() + 0.98 * dist[:, None] * direction).float().view_as(x)  # (B, C, H, W)
     eps = float(1.2 * dist.max())
     assert not counts_at_radius(model, start, x, y, norm="L2", eps=eps)[0].any()  # a near-miss, still classified y

@@ -20,15 +20,24 @@ def _linear(d: int, c: int, seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(d, c)).eval()
 
 
-def _exact_l2(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted class, exact minimal L2 distance to another class's region) of a linear classifier."""
+def _nearest_boundary(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(predicted class, exact minimal L2 distance to another class's region, unit direction to it (B, D)) of a linear classifier."""
     w, b = model[1].weight.detach().double(), model[1].bias.detach().double()
     z = x.flatten(1).double() @ w.T + b  # (B, C)
     y = z.argmax(1)
     margins = z.gather(1, y[:, None]) - z  # (B, C)
-    dist = margins / (w[y][:, None, :] - w[None]).norm(dim=2).clamp_min(1e-12)  # (B, C)
+    dw = w[y][:, None, :] - w[None]  # (B, C, D)
+    dist = margins / dw.norm(dim=2).clamp_min(1e-12)  # (B, C)
     dist[torch.arange(len(y)), y] = math.inf
-    return y, dist.min(1).values
+    d, c = dist.min(1)
+    toward = -dw[torch.arange(len(y)), c]  # (B, D)
+    return y, d, toward / toward.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _exact_l2(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted class, exact minimal L2 distance to another class's region) of a linear classifier."""
+    y, dist, _ = _nearest_boundary(model, x)
+    return y, dist
 
 
 @pytest.mark.parametrize("version", ["quick", "standard"])
